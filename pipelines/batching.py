@@ -1,0 +1,87 @@
+"""Length-bucketed batches under a token budget, and padding into tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.tokenize import Window
+
+
+@dataclass
+class Batch:
+    """Windows padded on the right to a common length S. Padding is masked everywhere."""
+
+    windows: list[Window]
+    input_ids: torch.Tensor  # [B, S] int64
+    attention_mask: torch.Tensor  # [B, S] int64, 1 = real token
+    type_ids: torch.Tensor  # [B, S] int64
+    is_special: torch.Tensor  # [B, S] bool
+    is_sep: torch.Tensor  # [B, S] bool
+    is_punct: torch.Tensor  # [B, S] bool
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, S] bool: real (non-pad) positions."""
+        return self.attention_mask.bool()
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {k: v.to(device, non_blocking=True) for k, v in vars(self).items()
+                 if isinstance(v, torch.Tensor)}
+        return Batch(windows=self.windows, **moved)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int,
+                 max_attention_elems: int = 2**27) -> list[list[int]]:
+    """Group indices into batches of similar length.
+
+    A batch holds at most ``batch_tokens`` padded tokens (B × longest) and at most
+    ``max_attention_elems`` attention cells per layer and head (B × longest²), so long windows
+    do not exhaust memory. Indices are visited longest first; every index lands in one batch.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order.tolist():
+        length = lengths[index]
+        longest_if_added = max(longest, length)
+        size = len(current) + 1
+        fits = (size * longest_if_added <= batch_tokens
+                and size * longest_if_added**2 <= max_attention_elems)
+        if current and not fits:
+            batches.append(current)
+            current, longest_if_added = [], length
+        current.append(index)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(windows: list[Window], pad_token_id: int) -> Batch:
+    """Pad windows on the right into one Batch (CPU tensors)."""
+    size, longest = len(windows), max(w.n_tokens for w in windows)
+
+    def padded(name: str, dtype: np.dtype, fill: int | bool) -> torch.Tensor:
+        out = np.full((size, longest), fill, dtype=dtype)
+        for row, window in enumerate(windows):
+            values = getattr(window, name)
+            out[row, : len(values)] = values
+        return torch.from_numpy(out)
+
+    mask = np.zeros((size, longest), dtype=np.int64)
+    for row, window in enumerate(windows):
+        mask[row, : window.n_tokens] = 1
+    return Batch(
+        windows=windows,
+        input_ids=padded("input_ids", np.int64, pad_token_id),
+        attention_mask=torch.from_numpy(mask),
+        type_ids=padded("type_ids", np.int64, 0),
+        is_special=padded("is_special", np.bool_, False),
+        is_sep=padded("is_sep", np.bool_, False),
+        is_punct=padded("is_punct", np.bool_, False),
+    )

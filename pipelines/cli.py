@@ -1,0 +1,119 @@
+"""The ``headscope`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines import __version__
+from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
+from pipelines.inputs import Columns, InputError
+from pipelines.models import REGISTRY, ModelError
+from pipelines.writer import OutputError
+
+USER_ERRORS = (ConfigError, InputError, ModelError, OutputError)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run a corpus job and write a Parquet dataset",
+                         description="Run a corpus job: INPUT files or folders → Parquet dataset.")
+    run.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help=".txt (one document per line), .jsonl, .csv, .parquet, or a folder")
+    run.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    run.add_argument("--model", default="minilm",
+                     help=f"registry name ({', '.join(REGISTRY)}), local folder or hub id")
+    run.add_argument("--backend", default="torch", choices=["torch"])
+    run.add_argument("--attention", default="topk:8",
+                     help="weights to keep: none, topk:K, threshold:T, full (default topk:8)")
+    run.add_argument("--max-length", type=int, default=None,
+                     help="tokens per window incl. special tokens (default: the model's limit)")
+    run.add_argument("--stride", type=int, default=64,
+                     help="tokens shared by consecutive windows of a long document (default 64)")
+    run.add_argument("--truncate", action="store_true",
+                     help="cut long documents once instead of windowing them (recorded per row)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="model dtype; float16/bfloat16 on CUDA only. Statistics are float32")
+    run.add_argument("--batch-tokens", type=int, default=8192,
+                     help="padded tokens per forward pass (default 8192)")
+    run.add_argument("--local-window", type=int, default=2,
+                     help="half-width w for mass_window and mass_sparse (default 2)")
+    run.add_argument("--shard-tokens", type=int, default=32768,
+                     help="tokens per output shard (default 32768)")
+    run.add_argument("--text-column", default="text")
+    run.add_argument("--id-column", default="id")
+    run.add_argument("--pair-column", default="text_pair")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
+    run.add_argument("--allow-download", action="store_true",
+                     help="allow fetching --model from a model hub (off: local only)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.job import run_job
+
+    for name in ("batch_tokens", "shard_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    config = RunConfig(
+        model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+        attention=AttentionMode.parse(args.attention),
+        windows=WindowConfig(args.max_length, args.stride, args.truncate),
+        batch_tokens=args.batch_tokens, local_window=args.local_window,
+        shard_tokens=args.shard_tokens, allow_download=args.allow_download,
+    )
+    columns = Columns(args.text_column, args.id_column, args.pair_column)
+    result = run_job(args.inputs, args.out, config, columns, resume=args.resume,
+                     overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {result.out}: {result.documents} documents, {result.windows} windows, "
+          f"{result.tokens} tokens in {result.seconds:.1f} s")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    for name, (description, _) in REGISTRY.items():
+        print(f"{name:10s} {description}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipelines import demo
+
+    demo.main(args.out, args.limit)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="headscope", description="Attention artifacts at scale.")
+    top.add_argument("--version", action="version", version=f"headscope {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
+    demo = sub.add_parser("demo", help="run the demo job on the Python docs and summarise it")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    demo.set_defaults(func=_demo)
+    sub.choices["run"].set_defaults(func=_run)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"headscope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headscope: interrupted; finished shards are kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Run configuration: what a job computes and how it batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttentionKind = Literal["none", "topk", "threshold", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration value the user has to fix."""
+
+
+@dataclass(frozen=True)
+class AttentionMode:
+    """How much of the attention weights a job keeps.
+
+    ``none`` keeps nothing, ``topk:K`` keeps the K largest weights of every query row,
+    ``threshold:T`` keeps every weight >= T, ``full`` keeps every weight as float16.
+    """
+
+    kind: AttentionKind
+    k: int = 0
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> AttentionMode:
+        name, _, arg = text.strip().partition(":")
+        if name in ("none", "full") and not arg:
+            return cls(name)
+        if name == "topk":
+            if not arg.isdigit() or int(arg) < 1:
+                raise ConfigError(f"attention mode {text!r}: topk needs a positive integer, e.g. topk:8")
+            return cls("topk", k=int(arg))
+        if name == "threshold":
+            try:
+                value = float(arg)
+            except ValueError:
+                value = -1.0
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(
+                    f"attention mode {text!r}: threshold needs a number in (0, 1], e.g. threshold:0.1"
+                )
+            return cls("threshold", threshold=value)
+        raise ConfigError(
+            f"unknown attention mode {text!r}: use none, topk:K, threshold:T or full"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "topk":
+            return f"topk:{self.k}"
+        if self.kind == "threshold":
+            return f"threshold:{self.threshold:g}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """How inputs longer than the model allows are handled.
+
+    ``max_length`` counts special tokens (None: the model's limit). Long inputs are cut into
+    overlapping windows that share ``stride`` tokens, or cut once if ``truncate`` is set.
+    """
+
+    max_length: int | None = None
+    stride: int = 64
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides the rows a job writes (saved in the manifest)."""
+
+    model: str = "minilm"
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "float32"
+    attention: AttentionMode = field(default_factory=lambda: AttentionMode("topk", k=8))
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    #: Padded tokens (batch size × longest window) per forward pass.
+    batch_tokens: int = 8192
+    #: Half-width w of the local window used by ``mass_window`` and ``mass_sparse``.
+    local_window: int = 2
+    #: A shard (one Parquet part per table) closes after this many content tokens.
+    shard_tokens: int = 32768
+    allow_download: bool = False
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["attention"] = str(self.attention)
+        return data

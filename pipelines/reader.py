@@ -1,0 +1,70 @@
+"""Reading a dataset back: thin helpers over ``pandas.read_parquet``.
+
+Every table is a folder of Parquet parts, so plain pandas works too::
+
+    pd.read_parquet("out/head_stats", filters=[("layer", "==", 3)])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.schema import TABLES
+
+
+@dataclass
+class Dataset:
+    """A dataset folder written by a corpus job (or by the service's ``store``)."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> Dataset:
+        root = Path(root)
+        if not (root / "manifest.json").is_file():
+            raise FileNotFoundError(f"{root} is not a headscope dataset (no manifest.json)")
+        return cls(root)
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.root / "manifest.json").read_text())
+
+    def table(self, name: str, filters: list | None = None,
+              columns: list[str] | None = None) -> pd.DataFrame:
+        """One table as a DataFrame; ``filters`` are pushed down to the Parquet scan."""
+        if name not in (*TABLES, "head_summary"):
+            raise KeyError(f"no table {name!r}; tables: {', '.join((*TABLES, 'head_summary'))}")
+        return pd.read_parquet(self.root / name, filters=filters, columns=columns)
+
+    def head_stats(self, **equals: object) -> pd.DataFrame:
+        """Per-head statistics, e.g. ``ds.head_stats(layer=3)``."""
+        return self.table("head_stats", filters=_equals(equals))
+
+    def tokens(self, doc_id: str, window: int = 0) -> pd.DataFrame:
+        return self.table("tokens", filters=[("doc_id", "==", doc_id), ("window", "==", window)])
+
+    def attention(self, doc_id: str, window: int = 0, **equals: object) -> pd.DataFrame:
+        """Stored weights of one document window (optionally one layer/head)."""
+        filters = [("doc_id", "==", doc_id), ("window", "==", window), *_equals(equals)]
+        return self.table("attention", filters=filters)
+
+    def attention_matrix(self, doc_id: str, layer: int, head: int, window: int = 0) -> np.ndarray:
+        """[n, n] float32 matrix of one head; weights the mode did not keep are 0."""
+        n = len(self.tokens(doc_id, window))
+        rows = self.attention(doc_id, window, layer=layer, head=head)
+        matrix = np.zeros((n, n), dtype=np.float32)
+        matrix[rows["query"].to_numpy(int), rows["key"].to_numpy(int)] = rows["weight"]
+        return matrix
+
+
+def _equals(values: dict[str, object]) -> list[tuple[str, str, object]]:
+    return [(name, "==", value) for name, value in values.items()]
+
+
+def open_dataset(root: str | Path) -> Dataset:
+    return Dataset.open(root)

@@ -1,0 +1,160 @@
+"""Documents → model-ready windows with special tokens, offsets, segments and flags.
+
+A document longer than the model allows is cut into overlapping windows (consecutive windows
+share ``stride`` content tokens) or, if the user asks, truncated once. Each window records the
+span of document tokens it covers, so nothing is dropped without a trace.
+"""
+
+from __future__ import annotations
+
+import copy
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Encoding
+
+from pipelines.config import ConfigError, WindowConfig
+from pipelines.models import ModelInfo
+
+_SUBWORD_MARKERS = ("##", "Ġ", "▁", "Ċ")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One input text (and optional second text of a pair) with where it came from."""
+
+    doc_id: str
+    text: str
+    text_pair: str | None = None
+    source: str = ""
+    source_line: int = 0
+
+
+@dataclass
+class Window:
+    """One model input cut from a document; arrays are per position (length n_tokens)."""
+
+    doc: Document
+    window: int
+    n_windows: int
+    token_start: int  # first document content token in this window
+    token_end: int  # one past the last
+    n_doc_tokens: int  # content tokens of the whole text (not the pair)
+    truncated: bool
+    input_ids: np.ndarray  # [n] int64
+    type_ids: np.ndarray  # [n] int64, fed to BERT-style models
+    segment: np.ndarray  # [n] uint8: 0 = text, 1 = text_pair
+    char_start: np.ndarray  # [n] int32, -1 for special tokens
+    char_end: np.ndarray  # [n] int32, -1 for special tokens
+    doc_position: np.ndarray  # [n] int32, -1 for special and pair tokens
+    tokens: list[str]
+    is_special: np.ndarray  # [n] bool
+    is_sep: np.ndarray  # [n] bool
+    is_punct: np.ndarray  # [n] bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_content_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+def is_punctuation(text: str) -> bool:
+    """True if ``text`` (subword markers and spaces removed) is only Unicode punctuation."""
+    for marker in _SUBWORD_MARKERS:
+        text = text.replace(marker, "")
+    text = text.strip()
+    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
+
+
+class Windower:
+    """Tokenises documents into windows for one model and one window configuration."""
+
+    def __init__(self, tokenizer, info: ModelInfo, config: WindowConfig) -> None:
+        self.info = info
+        self.tokenizer = copy.deepcopy(tokenizer.backend_tokenizer)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.post = self.tokenizer.post_processor
+        self.max_length = config.max_length or info.max_length
+        if self.max_length > info.max_length:
+            raise ConfigError(
+                f"max_length {self.max_length} exceeds the model's limit of {info.max_length} tokens"
+            )
+        self.stride = config.stride
+        self.truncate = config.truncate
+
+    def _n_special(self, pair: bool) -> int:
+        return self.post.num_special_tokens_to_add(pair) if self.post is not None else 0
+
+    def _finish(self, content: Encoding, pair: Encoding | None) -> Encoding:
+        if self.post is None:
+            return Encoding.merge([content, pair]) if pair is not None else content
+        return self.post.process(content, pair, add_special_tokens=True)
+
+    def windows(self, doc: Document) -> list[Window]:
+        """All windows of ``doc`` (one when it fits)."""
+        text_enc = self.tokenizer.encode(doc.text, add_special_tokens=False)
+        pair_enc = (
+            self.tokenizer.encode(doc.text_pair, add_special_tokens=False)
+            if doc.text_pair is not None else None
+        )
+        n_doc = len(text_enc.ids)
+        n_pair = len(pair_enc.ids) if pair_enc is not None else 0
+        budget = self.max_length - self._n_special(pair_enc is not None) - n_pair
+        if budget < 1:
+            raise ConfigError(
+                f"document {doc.doc_id!r}: text_pair has {n_pair} tokens, leaving no room for the "
+                f"text within max_length {self.max_length}"
+            )
+        if n_doc <= budget:
+            return [self._window(doc, text_enc, pair_enc, 0, 1, 0, n_doc, n_doc, False)]
+        if self.truncate:
+            text_enc.truncate(budget)
+            return [self._window(doc, text_enc, pair_enc, 0, 1, 0, budget, n_doc, True)]
+        if self.stride >= budget:
+            raise ConfigError(
+                f"stride {self.stride} must be smaller than the {budget} content tokens per window"
+            )
+        text_enc.truncate(budget, stride=self.stride)
+        parts = [text_enc, *text_enc.overflowing]
+        step = budget - self.stride
+        out = []
+        for index, part in enumerate(parts):
+            start = index * step
+            out.append(self._window(doc, part, pair_enc, index, len(parts), start,
+                                    start + len(part.ids), n_doc, False))
+        return out
+
+    def _window(self, doc: Document, content: Encoding, pair: Encoding | None, index: int,
+                n_windows: int, start: int, end: int, n_doc: int, truncated: bool) -> Window:
+        enc = self._finish(content, pair)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        special = np.asarray(enc.special_tokens_mask, dtype=bool)
+        # Non-special tokens come in order: the window's text tokens, then the pair's.
+        content_rank = np.cumsum(~special) - 1
+        is_pair = ~special & (content_rank >= len(content.ids))
+        # A special token belongs to the segment of the content token before it.
+        segment = np.maximum.accumulate(np.where(special, 0, is_pair)).astype(np.uint8)
+        offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
+        offsets[special] = -1
+        doc_position = np.where(special | is_pair, -1, start + content_rank).astype(np.int32)
+        sep_id = self.info.sep_token_id
+        is_sep = special & (ids == sep_id) if sep_id is not None else np.zeros(len(ids), bool)
+        surfaces = [
+            "" if sp else (doc.text_pair or "" if pair_token else doc.text)[a:b]
+            for pair_token, (a, b), sp in zip(is_pair, offsets, special)
+        ]
+        punct = np.array([not sp and is_punctuation(t or tok)
+                          for t, tok, sp in zip(surfaces, enc.tokens, special)], dtype=bool)
+        return Window(
+            doc=doc, window=index, n_windows=n_windows, token_start=start, token_end=end,
+            n_doc_tokens=n_doc, truncated=truncated, input_ids=ids,
+            type_ids=np.asarray(enc.type_ids, dtype=np.int64), segment=segment,
+            char_start=offsets[:, 0].copy(), char_end=offsets[:, 1].copy(),
+            doc_position=doc_position, tokens=list(enc.tokens), is_special=special,
+            is_sep=is_sep, is_punct=punct,
+        )

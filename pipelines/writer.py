@@ -1,0 +1,183 @@
+"""A write-once Parquet dataset folder with atomic shard writes and resume.
+
+Layout::
+
+    DIR/manifest.json              how the dataset was made (written first, completed last)
+    DIR/<table>/part-00000.parquet one part per shard and table, rows sorted by the table's keys
+    DIR/head_summary/part-00000.parquet
+    DIR/_shards/00000.json         written after all parts of a shard: the shard is finished
+
+A file appears only complete (written to a temporary name, then renamed). A shard without a
+marker is rewritten on resume, so no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import schema
+from pipelines.stats import STAT_NAMES
+
+MANIFEST = "manifest.json"
+SHARDS = "_shards"
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used as asked."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=False, default=str).encode())
+
+
+def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
+                   write_statistics=True)
+    os.replace(tmp, path)
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+class DatasetWriter:
+    """Writes one dataset folder; see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def open(self, manifest: dict, resume: bool = False, overwrite: bool = False) -> set[int]:
+        """Prepare the folder; return the shards already finished (only when resuming)."""
+        existing = self.root / MANIFEST
+        if resume:
+            if not existing.is_file():
+                raise OutputError(f"{self.root}: nothing to resume (no {MANIFEST})")
+            previous = json.loads(existing.read_text())
+            if previous.get("job_key") != manifest["job_key"]:
+                raise OutputError(
+                    f"{self.root}: cannot resume: it was made with other inputs, model or "
+                    "settings (job_key differs); use a new --out or --overwrite"
+                )
+            manifest["created"] = previous.get("created", manifest["created"])
+            self._clean_unfinished()
+        elif self.root.exists() and any(self.root.iterdir()):
+            if not overwrite:
+                raise OutputError(
+                    f"{self.root} is not empty; pass --resume to finish an interrupted job, "
+                    "--overwrite to replace it, or choose another --out"
+                )
+            if not existing.is_file():
+                raise OutputError(
+                    f"{self.root} is not empty and is not a headscope dataset (no {MANIFEST}); "
+                    "refusing to delete it"
+                )
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(existing, manifest)
+        return self.finished_shards()
+
+    def finished_shards(self) -> set[int]:
+        folder = self.root / SHARDS
+        return {int(p.stem) for p in folder.glob("*.json")} if folder.is_dir() else set()
+
+    def _clean_unfinished(self) -> None:
+        finished = {part_name(s) for s in self.finished_shards()}
+        for name in (*schema.TABLES, "head_summary", SHARDS):
+            folder = self.root / name
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                unfinished_part = path.suffix == ".parquet" and path.name not in finished
+                if path.name.startswith(".tmp-") or (name in schema.TABLES and unfinished_part):
+                    path.unlink()
+
+    def write_shard(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, int]:
+        """Write every table of one shard, then its marker; return row counts."""
+        for name in schema.TABLES:
+            atomic_write_parquet(self.root / name / part_name(shard), tables[name],
+                                 schema.ROW_GROUP_ROWS[name])
+        counts = {name: tables[name].num_rows for name in schema.TABLES}
+        atomic_write_json(self.root / SHARDS / f"{shard:05d}.json", counts)
+        return counts
+
+    def shard_counts(self) -> dict[str, int]:
+        totals = dict.fromkeys(schema.TABLES, 0)
+        for path in (self.root / SHARDS).glob("*.json"):
+            for name, count in json.loads(path.read_text()).items():
+                totals[name] += count
+        return totals
+
+    def finish(self, manifest: dict) -> None:
+        """Write the corpus summary and the completed manifest."""
+        summary = head_summary(self.root / "head_stats")
+        atomic_write_parquet(self.root / "head_summary" / part_name(0), summary, 65536)
+        manifest["counts"] = {**self.shard_counts(), "head_summary": summary.num_rows}
+        manifest["status"] = "complete"
+        atomic_write_json(self.root / MANIFEST, manifest)
+
+
+def head_summary(head_stats_dir: Path) -> pa.Table:
+    """Per (layer, head): mean and std of every statistic over all windows.
+
+    Reads one part at a time and keeps running sums, so memory stays flat. Nulls (e.g.
+    ``mass_sep`` of a GPT-2 model) are left out of a statistic's mean; all-null gives null.
+    """
+    sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    shape: tuple[int, int] | None = None
+    windows = tokens = None
+    for path in sorted(head_stats_dir.glob("part-*.parquet")):
+        table = pq.read_table(path)
+        if table.num_rows == 0:
+            continue
+        layer = table["layer"].to_numpy().astype(np.int64)
+        head = table["head"].to_numpy().astype(np.int64)
+        if shape is None:
+            shape = (int(layer.max()) + 1, int(head.max()) + 1)
+            windows, tokens = np.zeros(shape), np.zeros(shape)
+        np.add.at(windows, (layer, head), 1)
+        np.add.at(tokens, (layer, head), table["n_tokens"].to_numpy().astype(np.float64))
+        for name in STAT_NAMES:
+            values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+            present = ~np.isnan(values)
+            for store, data in ((sums, values), (squares, values**2), (counts, present)):
+                store.setdefault(name, np.zeros(shape))
+                np.add.at(store[name], (layer[present], head[present]), data[present])
+    if shape is None:
+        return schema.HEAD_SUMMARY.empty_table()
+    layer, head = (a.ravel() for a in np.meshgrid(np.arange(shape[0]), np.arange(shape[1]),
+                                                  indexing="ij"))
+    columns: dict[str, object] = {"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
+                                  "n_windows": windows.ravel().astype(np.int64)}
+    for name in STAT_NAMES:
+        count = counts[name].ravel()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums[name].ravel() / count
+            var = np.maximum(squares[name].ravel() / count - mean**2, 0.0)
+            std = np.sqrt(var * count / np.maximum(count - 1, 1))
+        columns[f"{name}_mean"] = pa.array(mean, from_pandas=True)
+        columns[f"{name}_std"] = pa.array(np.where(count > 1, std, np.nan), from_pandas=True)
+    columns["n_tokens_mean"] = tokens.ravel() / windows.ravel()
+    return pa.table(columns, schema=schema.HEAD_SUMMARY)
