@@ -34,13 +34,14 @@ class Batch:
         return Batch(windows=self.windows, **moved)
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int,
-                 max_attention_elems: int = 2**27) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_attention_elems: int = 2**27,
+                 min_fill: float = 0.75) -> list[list[int]]:
     """Group indices into batches of similar length.
 
-    A batch holds at most ``batch_tokens`` padded tokens (B × longest) and at most
-    ``max_attention_elems`` attention cells per layer and head (B × longest²), so long windows
-    do not exhaust memory. Indices are visited longest first; every index lands in one batch.
+    Indices are visited longest first. A batch holds at most ``batch_tokens`` padded tokens
+    (B × longest) and ``max_attention_elems`` attention cells per layer and head
+    (B × longest²), and only windows at least ``min_fill`` × its longest, so padding stays
+    small. Every index lands in exactly one batch.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches: list[list[int]] = []
@@ -48,15 +49,14 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int,
     longest = 0
     for index in order.tolist():
         length = lengths[index]
-        longest_if_added = max(longest, length)
         size = len(current) + 1
-        fits = (size * longest_if_added <= batch_tokens
-                and size * longest_if_added**2 <= max_attention_elems)
-        if current and not fits:
-            batches.append(current)
-            current, longest_if_added = [], length
+        fits = (size * longest <= batch_tokens and size * longest**2 <= max_attention_elems
+                and length >= min_fill * longest)
+        if not current or not fits:
+            if current:
+                batches.append(current)
+            current, longest = [], length
         current.append(index)
-        longest = longest_if_added
     if current:
         batches.append(current)
     return batches

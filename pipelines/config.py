@@ -32,7 +32,9 @@ class AttentionMode:
             return cls(name)
         if name == "topk":
             if not arg.isdigit() or int(arg) < 1:
-                raise ConfigError(f"attention mode {text!r}: topk needs a positive integer, e.g. topk:8")
+                raise ConfigError(
+                    f"attention mode {text!r}: topk needs a positive integer, e.g. topk:8"
+                )
             return cls("topk", k=int(arg))
         if name == "threshold":
             try:
@@ -41,7 +43,8 @@ class AttentionMode:
                 value = -1.0
             if not 0.0 < value <= 1.0:
                 raise ConfigError(
-                    f"attention mode {text!r}: threshold needs a number in (0, 1], e.g. threshold:0.1"
+                    f"attention mode {text!r}: threshold needs a number in (0, 1], "
+                    "e.g. threshold:0.1"
                 )
             return cls("threshold", threshold=value)
         raise ConfigError(

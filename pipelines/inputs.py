@@ -82,7 +82,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _text(value: object, path: Path, line: int, name: str, required: bool) -> str | None:
-    if value is None and not required:
+    """A non-empty string; an optional field may be missing or empty (no pair)."""
+    if not required and (value is None or (isinstance(value, str) and not value.strip())):
         return None
     if not isinstance(value, str):
         what = "missing" if value is None else f"a {type(value).__name__}, not a string"
@@ -119,7 +120,9 @@ def _read_jsonl(path: Path, columns: Columns, summary: InputSummary) -> Iterator
             raise InputError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") \
                 from None
         if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object with a {columns.text!r} field")
+            raise InputError(
+                f"{path}:{number}: expected a JSON object with a {columns.text!r} field"
+            )
         yield _record(row, path, number, columns)
 
 
@@ -132,13 +135,17 @@ def _require_columns(path: Path, present: list[str], columns: Columns) -> None:
 
 
 def _read_csv(path: Path, columns: Columns, summary: InputSummary) -> Iterator[Document]:
-    lines = (line for _, line in _lines(path))
-    reader = csv.DictReader(lines)
-    if reader.fieldnames is None:
-        raise InputError(f"{path}: empty CSV file (no header line)")
-    _require_columns(path, list(reader.fieldnames), columns)
-    for row in reader:
-        yield _record(row, path, reader.line_num, columns)
+    for _ in _lines(path):  # fails with the line number on bytes that are not UTF-8
+        pass
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            raise InputError(f"{path}: empty CSV file (no header line)")
+        _require_columns(path, list(reader.fieldnames), columns)
+        start = reader.line_num + 1  # a record may span lines (quoted line breaks)
+        for row in reader:
+            yield _record(row, path, start, columns)
+            start = reader.line_num + 1
 
 
 def _read_parquet(path: Path, columns: Columns, summary: InputSummary) -> Iterator[Document]:
@@ -177,7 +184,8 @@ def validate(files: list[Path], columns: Columns = Columns()) -> InputSummary:
         for doc in READERS[path.suffix](path, columns, summary):
             where = f"{doc.source}:{doc.source_line}"
             if doc.doc_id in seen:
-                raise InputError(f"{where}: duplicate id {doc.doc_id!r} (first at {seen[doc.doc_id]})")
+                first = seen[doc.doc_id]
+                raise InputError(f"{where}: duplicate id {doc.doc_id!r} (first at {first})")
             seen[doc.doc_id] = where
             summary.documents += 1
             summary.characters += len(doc.text) + len(doc.text_pair or "")

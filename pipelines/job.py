@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from pipelines import STATS_VERSION, __version__, stages
 from pipelines.backends import Backend, create_backend
-from pipelines.config import RunConfig
-from pipelines.inputs import Columns, InputSummary, expand, read_documents, validate
+from pipelines.config import ConfigError, RunConfig
+from pipelines.inputs import Columns, InputError, InputSummary, expand, read_documents, validate
+from pipelines.models import ModelInfo
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
 from pipelines.writer import DatasetWriter
@@ -88,64 +89,88 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
     return manifest
 
 
-def estimate(files: list[Path], columns: Columns, windower: Windower, summary: InputSummary,
-             config: RunConfig, backend: Backend, sample: int = 256) -> dict:
-    """Tokens and output size from a sample of the first documents."""
-    chars = tokens = 0
-    for count, doc in enumerate(read_documents(files, columns)):
-        if count >= sample:
-            break
-        chars += len(doc.text) + len(doc.text_pair or "")
-        tokens += sum(w.n_tokens for w in windower.windows(doc))
-    total_tokens = int(summary.characters * tokens / max(chars, 1))
-    info, mode = backend.info, config.attention
-    mean_len = tokens / max(1, min(sample, summary.documents))
-    rows_per_token = {"none": 0, "topk": min(mode.k, mean_len), "full": mean_len,
-                      "threshold": float("nan")}[mode.kind] * info.num_layers * info.num_heads
-    if info.causal and mode.kind == "full":
-        rows_per_token /= 2
-    return {"tokens": total_tokens,
-            "attention_rows": total_tokens * rows_per_token,
-            "attention_bytes": total_tokens * rows_per_token * ATTENTION_ROW_BYTES}
+@dataclass
+class Survey:
+    """Exact windows and tokens of a corpus, and the output size they imply."""
+
+    windows: int
+    tokens: int
+    attention_rows: float  # NaN for threshold mode (depends on the weights)
+
+    @property
+    def attention_bytes(self) -> float:
+        return self.attention_rows * ATTENTION_ROW_BYTES
 
 
-def _log_estimate(est: dict, summary: InputSummary, config: RunConfig) -> None:
-    rows = est["attention_rows"]
-    size = ("unknown until the data is seen (threshold mode)" if rows != rows
-            else f"≈ {est['attention_bytes'] / 1e6:,.1f} MB uncompressed, {rows:,.0f} rows")
-    log.info("input: %d documents, %d characters, ≈ %d tokens; attention %s: %s",
-             summary.documents, summary.characters, est["tokens"], config.attention, size)
+def survey(files: list[Path], columns: Columns, windower: Windower, config: RunConfig,
+           info: ModelInfo) -> Survey:
+    """Tokenise every document once before anything is written.
+
+    A document that cannot be windowed stops the job here, naming its file and line, and the
+    counts give an exact size estimate and a progress total.
+    """
+    windows = tokens = 0
+    rows = 0.0
+    mode, causal = config.attention, info.causal
+    for doc in read_documents(files, columns):
+        try:
+            parts = windower.windows(doc)
+        except ConfigError as exc:
+            raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
+        for window in parts:
+            n = window.n_tokens
+            windows, tokens = windows + 1, tokens + n
+            visible = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs
+            rows += {"none": 0.0, "topk": min(visible, n * mode.k), "full": visible,
+                     "threshold": float("nan")}[mode.kind]
+    return Survey(windows, tokens, rows * info.num_layers * info.num_heads)
+
+
+def _log_survey(found: Survey, summary: InputSummary, config: RunConfig) -> None:
+    rows = found.attention_rows
+    size = ("size depends on the weights (threshold mode)" if rows != rows
+            else f"{rows:,.0f} rows, ~{found.attention_bytes / 1e6:,.1f} MB before compression")
+    log.info("input: %d documents → %d windows, %d tokens; attention %s: %s",
+             summary.documents, found.windows, found.tokens, config.attention, size)
     if summary.skipped_blank_lines:
         log.info("skipped %d blank lines (recorded in the manifest)", summary.skipped_blank_lines)
 
 
-def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig = RunConfig(),
-            columns: Columns = Columns(), resume: bool = False, overwrite: bool = False,
+def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None = None,
+            columns: Columns | None = None, resume: bool = False, overwrite: bool = False,
             backend: Backend | None = None, progress: bool = True) -> JobResult:
     """Run a corpus job and return what it wrote. Validates every input before writing."""
     started = time.perf_counter()
+    config, columns = config or RunConfig(), columns or Columns()
+    writer = DatasetWriter(out)
+    writer.check(resume=resume, overwrite=overwrite)
     files = expand(inputs)
     summary = validate(files, columns)
     backend = backend or create_backend(config.backend, config.model, config.device,
                                         config.dtype, config.allow_download)
     windower = Windower(backend.tokenizer, backend.info, config.windows)
+    found = survey(files, columns, windower, config, backend.info)
+    _log_survey(found, summary, config)
     manifest = build_manifest(backend, config, summary, columns)
-    writer = DatasetWriter(out)
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
-    _log_estimate(estimate(files, columns, windower, summary, config, backend), summary, config)
     if finished:
         log.info("resuming: %d shards already written", len(finished))
-    n_windows = n_tokens = 0
-    bar = tqdm(total=summary.documents, unit="doc", disable=not progress, dynamic_ncols=True)
+    n_docs = n_windows = n_tokens = 0
+    bar = tqdm(total=found.tokens, unit="tok", unit_scale=True, disable=not progress,
+               dynamic_ncols=True, desc="tokens")
     for shard, docs, windows in shards(read_documents(files, columns), windower,
                                        config.shard_tokens):
-        if shard not in finished:
-            tables = stages.analyse_windows(backend, windows, config)
+        shard_tokens = sum(w.n_tokens for w in windows)
+        if shard in finished:
+            bar.update(shard_tokens)
+        else:
+            tables = stages.analyse_windows(
+                backend, windows, config,
+                on_batch=lambda done: bar.update(sum(w.n_tokens for w in done)))
             writer.write_shard(shard, stages.sort_tables(tables))
-        n_windows += len(windows)
-        n_tokens += sum(w.n_tokens for w in windows)
-        bar.update(len(docs))
-        bar.set_postfix(tokens=n_tokens, refresh=False)
+        n_docs, n_windows, n_tokens = n_docs + len(docs), n_windows + len(windows), \
+            n_tokens + shard_tokens
+        bar.set_postfix(docs=f"{n_docs}/{summary.documents}", shard=shard)
     bar.close()
     manifest["counts_input"] = {"documents": summary.documents, "windows": n_windows,
                                 "tokens": n_tokens}

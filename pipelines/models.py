@@ -119,11 +119,13 @@ def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedMo
     """Build the ModelInfo for a loaded model."""
     model_type = config.model_type
     causal = model_type in CAUSAL_TYPES
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    positions = getattr(config, "max_position_embeddings", None) or config.n_positions
     max_length = positions - _POSITION_OFFSET.get(model_type, 0)
     if 0 < tokenizer.model_max_length < max_length:
         max_length = tokenizer.model_max_length
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:  # GPT-2: pad with eos, always masked
+        pad_id = tokenizer.eos_token_id
     return ModelInfo(
         name=name,
         path=path,
@@ -148,7 +150,11 @@ def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
     if local:
         _check_folder(Path(source))
     common = {"local_files_only": local, "trust_remote_code": False}
-    config = AutoConfig.from_pretrained(source, **common)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"model {name!r}: cannot read its config ({exc})".split("\n")[0]) \
+            from None
     if config.model_type not in SUPPORTED_TYPES:
         raise ModelError(
             f"model {name!r} has architecture {config.model_type!r}; headscope supports "
@@ -161,5 +167,6 @@ def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
     model.eval().to(device)
     info = describe(name, source, config, model, tokenizer)
     log.info("loaded %s (%s, %d layers × %d heads, max %d tokens) from %s on %s",
-             name, info.model_type, info.num_layers, info.num_heads, info.max_length, source, device)
+             name, info.model_type, info.num_layers, info.num_heads, info.max_length,
+             source, device)
     return LoadedModel(info=info, tokenizer=tokenizer, model=model)

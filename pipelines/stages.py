@@ -6,7 +6,7 @@ gives the same rows whichever way it came in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,8 @@ def documents_table(windows: list[Window]) -> pa.Table:
 def tokens_table(windows: list[Window]) -> pa.Table:
     """One row per position of every window."""
     lengths = np.array([w.n_tokens for w in windows])
-    doc_ids = pa.array([w.doc.doc_id for w in windows]).take(np.repeat(np.arange(len(windows)), lengths))
+    owner = np.repeat(np.arange(len(windows)), lengths)  # window index of every position
+    doc_ids = pa.array([w.doc.doc_id for w in windows]).take(owner)
 
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(w, name) for w in windows])
@@ -97,11 +98,11 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig) -> dict[str
     attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
     batch = batch.to(attn.device)
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
-    rows = sort_rows(attn)
+    sorted_desc = sort_rows(attn)  # shared by max_weight, k90 and top-k
     info = backend.info
     stats = head_statistics(attn, flags, info.causal, config.local_window,
-                            has_sep=info.sep_token_id is not None, rows=rows)
-    kept = kept_weights(attn, batch.valid, info.causal, config.attention, rows)
+                            has_sep=info.sep_token_id is not None, sorted_desc=sorted_desc)
+    kept = kept_weights(attn, batch.valid, info.causal, config.attention, sorted_desc)
     return {
         "head_stats": _stats_table(batch.windows, stats),
         "attention": _attention_table(batch.windows, kept, config.attention.kind == "full"),
@@ -109,7 +110,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig) -> dict[str
 
 
 def analyse_windows(backend: Backend, windows: list[Window], config: RunConfig,
-                    on_batch=None) -> dict[str, pa.Table]:
+                    on_batch: Callable[[list[Window]], object] | None = None
+                    ) -> dict[str, pa.Table]:
     """All four tables for ``windows``, batched by length under the token budget."""
     parts: dict[str, list[pa.Table]] = {"head_stats": [], "attention": []}
     for indices in plan_batches([w.n_tokens for w in windows], config.batch_tokens):

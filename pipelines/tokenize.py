@@ -45,9 +45,9 @@ class Window:
     input_ids: np.ndarray  # [n] int64
     type_ids: np.ndarray  # [n] int64, fed to BERT-style models
     segment: np.ndarray  # [n] uint8: 0 = text, 1 = text_pair
-    char_start: np.ndarray  # [n] int32, -1 for special tokens
-    char_end: np.ndarray  # [n] int32, -1 for special tokens
-    doc_position: np.ndarray  # [n] int32, -1 for special and pair tokens
+    char_start: np.ndarray  # [n] int32, -1 for tokens the tokenizer added ([CLS], [SEP])
+    char_end: np.ndarray  # [n] int32, -1 likewise
+    doc_position: np.ndarray  # [n] int32, -1 for added and pair tokens
     tokens: list[str]
     is_special: np.ndarray  # [n] bool
     is_sep: np.ndarray  # [n] bool
@@ -82,10 +82,17 @@ class Windower:
         self.max_length = config.max_length or info.max_length
         if self.max_length > info.max_length:
             raise ConfigError(
-                f"max_length {self.max_length} exceeds the model's limit of {info.max_length} tokens"
+                f"max_length {self.max_length} exceeds the model's limit of "
+                f"{info.max_length} tokens"
             )
         self.stride = config.stride
         self.truncate = config.truncate
+        self.special_ids = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
+        if not self.truncate and self.stride >= self.max_length - self._n_special(False):
+            raise ConfigError(
+                f"stride {self.stride} must be smaller than the "
+                f"{self.max_length - self._n_special(False)} content tokens of a window"
+            )
 
     def _n_special(self, pair: bool) -> int:
         return self.post.num_special_tokens_to_add(pair) if self.post is not None else 0
@@ -133,23 +140,26 @@ class Windower:
                 n_windows: int, start: int, end: int, n_doc: int, truncated: bool) -> Window:
         enc = self._finish(content, pair)
         ids = np.asarray(enc.ids, dtype=np.int64)
-        special = np.asarray(enc.special_tokens_mask, dtype=bool)
-        # Non-special tokens come in order: the window's text tokens, then the pair's.
-        content_rank = np.cumsum(~special) - 1
-        is_pair = ~special & (content_rank >= len(content.ids))
-        # A special token belongs to the segment of the content token before it.
-        segment = np.maximum.accumulate(np.where(special, 0, is_pair)).astype(np.uint8)
+        added = np.asarray(enc.special_tokens_mask, dtype=bool)  # added by the post-processor
+        # Special: added, or a special token typed in the text (e.g. <|endoftext|>).
+        special = added | np.isin(ids, self.special_ids)
+        # Tokens not added come in order: the window's text tokens, then the pair's.
+        content_rank = np.cumsum(~added) - 1
+        is_pair = ~added & (content_rank >= len(content.ids))
+        # An added token belongs to the segment of the content token before it.
+        segment = np.maximum.accumulate(np.where(added, 0, is_pair)).astype(np.uint8)
         offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
-        offsets[special] = -1
-        doc_position = np.where(special | is_pair, -1, start + content_rank).astype(np.int32)
+        offsets[added] = -1
+        doc_position = np.where(added | is_pair, -1, start + content_rank).astype(np.int32)
         sep_id = self.info.sep_token_id
         is_sep = special & (ids == sep_id) if sep_id is not None else np.zeros(len(ids), bool)
         surfaces = [
             "" if sp else (doc.text_pair or "" if pair_token else doc.text)[a:b]
-            for pair_token, (a, b), sp in zip(is_pair, offsets, special)
+            for pair_token, (a, b), sp in zip(is_pair, offsets, added, strict=True)
         ]
-        punct = np.array([not sp and is_punctuation(t or tok)
-                          for t, tok, sp in zip(surfaces, enc.tokens, special)], dtype=bool)
+        triples = zip(surfaces, enc.tokens, special, strict=True)
+        punct = np.array([not sp and is_punctuation(t or tok) for t, tok, sp in triples],
+                         dtype=bool)
         return Window(
             doc=doc, window=index, n_windows=n_windows, token_start=start, token_end=end,
             n_doc_tokens=n_doc, truncated=truncated, input_ids=ids,

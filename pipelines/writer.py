@@ -67,12 +67,30 @@ class DatasetWriter:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    def check(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Fail early (before any model is loaded) if the folder cannot be used as asked."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"{self.root} is a file; --out must be a folder")
+        if resume and not (self.root / MANIFEST).is_file():
+            raise OutputError(f"{self.root}: nothing to resume (no {MANIFEST})")
+        if resume or not self.root.exists() or not any(self.root.iterdir()):
+            return
+        if not overwrite:
+            raise OutputError(
+                f"{self.root} is not empty; pass --resume to finish an interrupted job, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        if not (self.root / MANIFEST).is_file():
+            raise OutputError(
+                f"{self.root} is not empty and is not a headscope dataset (no {MANIFEST}); "
+                "refusing to delete it"
+            )
+
     def open(self, manifest: dict, resume: bool = False, overwrite: bool = False) -> set[int]:
         """Prepare the folder; return the shards already finished (only when resuming)."""
+        self.check(resume, overwrite)
         existing = self.root / MANIFEST
         if resume:
-            if not existing.is_file():
-                raise OutputError(f"{self.root}: nothing to resume (no {MANIFEST})")
             previous = json.loads(existing.read_text())
             if previous.get("job_key") != manifest["job_key"]:
                 raise OutputError(
@@ -81,25 +99,15 @@ class DatasetWriter:
                 )
             manifest["created"] = previous.get("created", manifest["created"])
             self._clean_unfinished()
-        elif self.root.exists() and any(self.root.iterdir()):
-            if not overwrite:
-                raise OutputError(
-                    f"{self.root} is not empty; pass --resume to finish an interrupted job, "
-                    "--overwrite to replace it, or choose another --out"
-                )
-            if not existing.is_file():
-                raise OutputError(
-                    f"{self.root} is not empty and is not a headscope dataset (no {MANIFEST}); "
-                    "refusing to delete it"
-                )
-            shutil.rmtree(self.root)
+        elif existing.is_file():
+            shutil.rmtree(self.root)  # --overwrite of a dataset (check() allowed it)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(existing, manifest)
         return self.finished_shards()
 
     def finished_shards(self) -> set[int]:
         folder = self.root / SHARDS
-        return {int(p.stem) for p in folder.glob("*.json")} if folder.is_dir() else set()
+        return {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()
 
     def _clean_unfinished(self) -> None:
         finished = {part_name(s) for s in self.finished_shards()}
@@ -123,7 +131,7 @@ class DatasetWriter:
 
     def shard_counts(self) -> dict[str, int]:
         totals = dict.fromkeys(schema.TABLES, 0)
-        for path in (self.root / SHARDS).glob("*.json"):
+        for path in (self.root / SHARDS).glob("[0-9]*.json"):
             for name, count in json.loads(path.read_text()).items():
                 totals[name] += count
         return totals

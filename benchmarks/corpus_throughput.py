@@ -1,0 +1,619 @@
+"""Corpus throughput benchmark: the job against a bare forward pass, a naive loop, memory, size.
+
+One run, one corpus (prose paragraphs of the Python help topics, ``pipelines.demo``), one
+preloaded model on the CPU. It reports, and never asserts:
+
+(a) job tokens/s (``run_job``, statistics + topk:8, Parquet) over bare forward tokens/s with
+    attentions on exactly the batches the job ran; target >= 0.85.
+(b) job tokens/s over a naive loop (one window at a time, ``reference.all_heads``, pandas);
+    target >= 4x.
+(c) peak RSS of a job in a fresh process, for the corpus and for a 4x larger one; target: flat
+    within 15%.
+(d) on-disk bytes per token for each attention mode, per table.
+(e) where a job's time goes (cProfile of one job).
+
+Run ``python benchmarks/corpus_throughput.py --help`` for the options; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.backends import Backend, create_backend
+from pipelines.batching import Batch, collate, plan_batches
+from pipelines.config import AttentionMode, RunConfig
+from pipelines.demo import paragraphs
+from pipelines.job import run_job
+from pipelines.reference import all_heads
+from pipelines.tokenize import Document, Window, Windower
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("none", "topk:8", "threshold:0.1", "full")
+TARGET_FORWARD_RATIO = 0.85
+TARGET_NAIVE_RATIO = 4.0
+TARGET_RSS_SPREAD = 0.15
+FULL = {"docs": 200, "repeats": 2, "naive_docs": 16, "mode_docs": 40}
+QUICK = {"docs": 40, "repeats": 2, "naive_docs": 5, "mode_docs": 12}
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    """Documents written to a JSONL file, with their windows for this model."""
+
+    name: str
+    path: Path
+    rows: list[dict]
+    windows: list[list[Window]]  # per document
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.n_tokens for ws in self.windows for w in ws)
+
+    @property
+    def flat_windows(self) -> list[Window]:
+        return [w for ws in self.windows for w in ws]
+
+    def doc_tokens(self) -> np.ndarray:
+        return np.array([sum(w.n_tokens for w in ws) for ws in self.windows])
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """``count`` items spread evenly over ``items`` (keeps the corpus's length mix)."""
+    if count >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+def stratified(corpus: Corpus, count: int) -> list[dict]:
+    """``count`` documents at the midpoints of ``count`` equal length quantiles."""
+    order = np.argsort(corpus.doc_tokens(), kind="stable")
+    count = min(count, len(order))
+    picks = ((np.arange(count) + 0.5) * len(order) / count).astype(int)
+    return [corpus.rows[order[i]] for i in sorted(picks)]
+
+
+def repeated(rows: list[dict], times: int) -> list[dict]:
+    """The rows ``times`` over; copies after the first get new ids."""
+    out = list(rows)
+    for copy in range(1, times):
+        out += [{"id": f"{row['id']}~{copy}", "text": row["text"]} for row in rows]
+    return out
+
+
+def make_corpus(name: str, rows: list[dict], folder: Path, windower: Windower) -> Corpus:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    windows = [windower.windows(Document(r["id"], r["text"])) for r in rows]
+    return Corpus(name, path, rows, windows)
+
+
+def describe_corpus(corpus: Corpus) -> str:
+    lengths = np.array([w.n_tokens for w in corpus.flat_windows])
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+    return (f"{len(corpus.rows)} documents, {len(lengths)} windows, {lengths.sum():,} tokens; "
+            f"window length p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {lengths.max()}")
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+class RecordingBackend:
+    """Delegates to a backend and keeps every batch the job sends to ``attentions``."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.batches: list[Batch] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    @property
+    def tokenizer(self):
+        return self.inner.tokenizer
+
+    def attentions(self, batch: Batch) -> torch.Tensor:
+        self.batches.append(batch)
+        return self.inner.attentions(batch)
+
+
+def timed_job(backend: Backend, corpus: Corpus, config: RunConfig, out: Path) -> tuple[float, dict]:
+    """Seconds for ``run_job`` (validation to manifest) and its result."""
+    gc.collect()
+    start = time.perf_counter()
+    result = run_job([corpus.path], out, config, backend=backend, progress=False)
+    seconds = time.perf_counter() - start
+    return seconds, {"tokens": result.tokens, "windows": result.windows, "counts": result.counts}
+
+
+def timed_forward(backend: Backend, batches: list[Batch]) -> float:
+    """Seconds for ``backend.attentions`` over ``batches`` and nothing else."""
+    gc.collect()
+    start = time.perf_counter()
+    for batch in batches:
+        backend.attentions(batch)
+    return time.perf_counter() - start
+
+
+def padded_tokens(batches: list[Batch]) -> int:
+    return sum(int(b.input_ids.numel()) for b in batches)
+
+
+def batch_shapes(batches: list[Batch]) -> Counter:
+    return Counter(tuple(b.input_ids.shape) for b in batches)
+
+
+def shard_groups(corpus: Corpus, windower: Windower, config: RunConfig) -> list[list[Window]]:
+    """The windows of each shard, grouped as the job groups documents."""
+    try:
+        from pipelines.job import shards
+
+        docs = (Document(r["id"], r["text"]) for r in corpus.rows)
+        return [ws for _, _, ws in shards(docs, windower, config.shard_tokens)]
+    except (ImportError, TypeError):
+        return [corpus.flat_windows]
+
+
+def planned_shapes(corpus: Corpus, windower: Windower, config: RunConfig) -> Counter:
+    """Batch shapes (windows, length) from ``plan_batches``, shard by shard like the job."""
+    shapes: Counter = Counter()
+    for windows in shard_groups(corpus, windower, config):
+        lengths = [w.n_tokens for w in windows]
+        for indices in plan_batches(lengths, config.batch_tokens):
+            shapes[(len(indices), max(lengths[i] for i in indices))] += 1
+    return shapes
+
+
+def largest(shapes: Counter) -> tuple[int, int]:
+    """The batch shape with the most attention cells (windows × length²)."""
+    return max(shapes, key=lambda s: s[0] * s[1] ** 2)
+
+
+def rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:8,.0f} tok/s ({seconds:6.2f} s)"
+
+
+# --------------------------------------------------------------------------- (a) job vs forward
+
+
+@dataclass
+class Throughput:
+    tokens: int
+    padded: int
+    job: list[float] = field(default_factory=list)
+    forward: list[float] = field(default_factory=list)
+    shapes: Counter = field(default_factory=Counter)  # (windows, length) → batches
+    same_batches: bool = True
+    first_result: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Best job rate over best forward rate (same tokens, so a time ratio)."""
+        return min(self.forward) / min(self.job)
+
+    def round_ratios(self) -> list[float]:
+        return [f / j for j, f in zip(self.job, self.forward, strict=True)]
+
+
+def warm_up(backend: Backend, corpus: Corpus, config: RunConfig, work: Path) -> float:
+    """One small job and its forward passes before anything is timed."""
+    start = time.perf_counter()
+    recorder = RecordingBackend(backend)
+    timed_job(recorder, corpus, config, work / "warmup")
+    timed_forward(backend, recorder.batches)
+    shutil.rmtree(work / "warmup")
+    return time.perf_counter() - start
+
+
+def job_vs_forward(backend: Backend, corpus: Corpus, windower: Windower, config: RunConfig,
+                   work: Path, repeats: int) -> Throughput:
+    """Interleaved rounds (job, forward | forward, job | ...) on the job's own batches."""
+    recorder = RecordingBackend(backend)
+    seconds, result = timed_job(recorder, corpus, config, work / "job-0")
+    batches = recorder.batches
+    stats = Throughput(corpus.tokens, padded_tokens(batches), shapes=batch_shapes(batches),
+                       first_result=result)
+    stats.same_batches = stats.shapes == planned_shapes(corpus, windower, config)
+    stats.job.append(seconds)
+    stats.forward.append(timed_forward(backend, batches))
+    for index in range(1, repeats):
+        out = work / f"job-{index}"
+        if index % 2:
+            stats.forward.append(timed_forward(backend, batches))
+            stats.job.append(timed_job(backend, corpus, config, out)[0])
+        else:
+            stats.job.append(timed_job(backend, corpus, config, out)[0])
+            stats.forward.append(timed_forward(backend, batches))
+    for index in range(repeats):
+        shutil.rmtree(work / f"job-{index}", ignore_errors=True)
+    return stats
+
+
+def report_throughput(stats: Throughput) -> None:
+    shapes = stats.shapes
+    print(f"  real tokens {stats.tokens:,}; padded tokens {stats.padded:,} "
+          f"({stats.padded / stats.tokens - 1:+.1%} padding) in {sum(shapes.values())} batches; "
+          f"largest batch {largest(shapes)} (windows, length)")
+    print(f"  forward replays the job's own batches; plan_batches per shard gives the same "
+          f"shapes: {'yes' if stats.same_batches else 'NO'}")
+    if stats.first_result.get("tokens") != stats.tokens:
+        print(f"  note: the job counted {stats.first_result.get('tokens')} tokens")
+    for index, (job, fwd) in enumerate(zip(stats.job, stats.forward, strict=True)):
+        order = "forward→job" if index % 2 else "job→forward"
+        print(f"  round {index + 1} ({order}): job {rate(stats.tokens, job)}   "
+              f"forward {rate(stats.tokens, fwd)}   ratio {fwd / job:.3f}")
+    spread = [max(x) / min(x) - 1 for x in (stats.job, stats.forward)]
+    print(f"  best: job {stats.tokens / min(stats.job):,.0f} tok/s, forward "
+          f"{stats.tokens / min(stats.forward):,.0f} tok/s "
+          f"({stats.padded / min(stats.forward):,.0f} padded tok/s); "
+          f"round-to-round spread job {spread[0]:.0%}, forward {spread[1]:.0%}")
+    ratios = stats.round_ratios()
+    print(f"  job / forward (best / best) = {stats.ratio:.3f}   per round "
+          f"{min(ratios):.3f}–{max(ratios):.3f}   target >= {TARGET_FORWARD_RATIO}")
+
+
+# --------------------------------------------------------------------------- (b) naive loop
+
+
+def naive_loop(backend: Backend, windower: Windower, rows: list[dict], config: RunConfig,
+               out: Path) -> tuple[float, int]:
+    """One window at a time: forward, per-head Python statistics, pandas Parquet at the end."""
+    info = backend.info
+    gc.collect()
+    start = time.perf_counter()
+    records, tokens = [], 0
+    for row in rows:
+        for window in windower.windows(Document(row["id"], row["text"])):
+            attn = backend.attentions(collate([window], info.pad_token_id))[:, 0].cpu().numpy()
+            heads = all_heads(attn, window.is_sep, window.is_special, window.is_punct,
+                              info.causal, config.local_window, info.sep_token_id is not None)
+            records += [{"doc_id": row["id"], "window": window.window, **h} for h in heads]
+            tokens += window.n_tokens
+    pd.DataFrame(records).to_parquet(out)
+    return time.perf_counter() - start, tokens
+
+
+def job_vs_naive(backend: Backend, windower: Windower, corpus: Corpus, subset: Corpus,
+                 config: RunConfig, work: Path, job_rate: float) -> float:
+    seconds, tokens = naive_loop(backend, windower, subset.rows, config, work / "naive.parquet")
+    naive_rate = tokens / seconds
+    job_seconds = timed_job(backend, subset, config, work / "job-subset")[0]
+    print(f"  naive loop on a length-stratified subset ({describe_corpus(subset)})")
+    print(f"  naive            {rate(tokens, seconds)}  (statistics only, no tokens/attention "
+          "tables)")
+    print(f"  job, same subset {rate(subset.tokens, job_seconds)}  → "
+          f"{subset.tokens / job_seconds / naive_rate:.1f}× (includes per-job fixed costs)")
+    print(f"  job, whole corpus (best of (a)) {job_rate:,.0f} tok/s → "
+          f"{job_rate / naive_rate:.1f}×   target >= {TARGET_NAIVE_RATIO:g}×")
+    print("  (rates on different token sets; the subset keeps the corpus's length mix)")
+    return job_rate / naive_rate
+
+
+# --------------------------------------------------------------------------- (c) peak RSS
+
+
+def _rss_kb() -> int:
+    """Current resident set size of this process (kB)."""
+    with open("/proc/self/status") as status_file:
+        for line in status_file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (ru_maxrss, VmHWM) to the current RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_child(corpus: str, out: str, model: str) -> None:
+    """Runs in a fresh process: load the model, run one job, print its peak RSS as JSON.
+
+    The model load has its own transient peak; it is read first, then the peak is reset so
+    ``job_peak_kb`` is the high-water mark while the job runs (model weights included).
+    """
+    backend = create_backend("torch", model, "cpu")
+    load_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before_kb = _rss_kb()
+    was_reset = _reset_peak()
+    start = time.perf_counter()
+    result = run_job([corpus], out, RunConfig(model=model, device="cpu"), backend=backend,
+                     progress=False)
+    seconds = time.perf_counter() - start
+    job_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tokens": result.tokens, "windows": result.windows, "seconds": seconds,
+                      "load_peak_kb": load_peak_kb, "before_kb": before_kb,
+                      "job_peak_kb": job_peak_kb, "reset": was_reset}))
+
+
+def spawn_rss_child(corpus: Corpus, out: Path, model: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--model", model,
+               "--rss-child", str(corpus.path), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_rss(corpus: Corpus, large: Corpus, windower: Windower, config: RunConfig, model: str,
+             work: Path) -> float | None:
+    reports, fills = {}, {}
+    for item in (corpus, large):
+        report = spawn_rss_child(item, work / f"rss-{item.name}", model)
+        if "error" in report:
+            print(f"  {item.name}: child failed: {report['error']}")
+            return None
+        reports[item.name] = report
+        groups = shard_groups(item, windower, config)
+        fills[item.name] = (largest(planned_shapes(item, windower, config)), len(groups))
+        peak_note = "" if report["reset"] else " (peak could not be reset: includes model load)"
+        print(f"  {item.name:9s} {report['tokens']:7,} tokens, {len(groups)} shard(s), largest "
+              f"batch {fills[item.name][0]}: peak RSS during job "
+              f"{report['job_peak_kb'] / 1024:6,.0f} MB{peak_note}")
+        print(f"  {'':9s} RSS before job {report['before_kb'] / 1024:,.0f} MB, peak while loading "
+              f"the model {report['load_peak_kb'] / 1024:,.0f} MB; "
+              f"{rate(report['tokens'], report['seconds'])}")
+    ratio = reports[large.name]["job_peak_kb"] / reports[corpus.name]["job_peak_kb"]
+    print(f"  4× / 1× peak RSS during the job = {ratio:.3f}   target within "
+          f"±{TARGET_RSS_SPREAD:.0%}")
+    if fills[corpus.name][0] != fills[large.name][0]:
+        print(f"  caution: the 1× corpus does not fill the largest batch ({fills[corpus.name][0]} "
+              f"vs {fills[large.name][0]} windows × length) — that part of any growth is batch "
+              "fill, bounded by --batch-tokens, not corpus size; use more --docs for a clean test")
+    if corpus.tokens < config.shard_tokens:
+        print(f"  caution: the 1× corpus is {corpus.tokens / config.shard_tokens:.0%} of one shard "
+              f"({config.shard_tokens:,} tokens); per-shard tables grow until a shard is full")
+    return ratio
+
+
+# --------------------------------------------------------------------------- (d) bytes per token
+
+
+def folder_bytes(root: Path) -> dict[str, int]:
+    """On-disk bytes per top-level entry (table folders; manifest and markers as 'other')."""
+    sizes: Counter = Counter()
+    for path in root.rglob("*"):
+        if path.is_file():
+            top = path.relative_to(root).parts[0]
+            sizes[top if path.parent != root and not top.startswith("_") else "other"] += (
+                path.stat().st_size)
+    return dict(sizes)
+
+
+def bytes_per_token(backend: Backend, subset: Corpus, corpus: Corpus, config: RunConfig,
+                    work: Path) -> None:
+    tables = ("documents", "tokens", "head_stats", "attention", "head_summary", "other")
+    print(f"  on a length-stratified subset: {describe_corpus(subset)}")
+    print(f"  {'mode':14s}{'total B/tok':>12s}" + "".join(f"{t:>13s}" for t in tables)
+          + f"{'attn rows':>12s}{'B/row':>7s}{'tok/s':>8s}")
+    per_row = {}
+    for mode in MODES:
+        out = work / f"mode-{mode.replace(':', '_')}"
+        mode_config = replace(config, attention=AttentionMode.parse(mode))
+        seconds, result = timed_job(backend, subset, mode_config, out)
+        sizes = folder_bytes(out)
+        rows = result["counts"].get("attention", 0)
+        per_row[mode] = sizes.get("attention", 0) / rows if rows else 0.0
+        print(f"  {mode:14s}{sum(sizes.values()) / subset.tokens:12.1f}"
+              + "".join(f"{sizes.get(t, 0) / subset.tokens:13.1f}" for t in tables)
+              + f"{rows:12,}{per_row[mode]:7.2f}{subset.tokens / seconds:8,.0f}")
+        shutil.rmtree(out, ignore_errors=True)
+    info = backend.info
+    lengths = np.array([w.n_tokens for w in corpus.flat_windows], dtype=np.int64)
+    pairs = lengths * (lengths + 1) // 2 if info.causal else lengths**2
+    full_rows = int(pairs.sum()) * info.num_layers * info.num_heads
+    print(f"  full mode grows with window length: on the whole benchmark corpus it would keep "
+          f"{full_rows / 1e6:,.0f} M rows ≈ {full_rows * per_row['full'] / 1e9:,.2f} GB "
+          f"({full_rows * per_row['full'] / corpus.tokens / 1e3:,.1f} kB/token)")
+
+
+# --------------------------------------------------------------------------- (e) profile
+
+
+BUCKETS = {  # label → function names (module stem.function) whose cumulative time is shown
+    "input validation (read, hash, check ids)": ["inputs.validate"],
+    "estimate (re-tokenises a sample)": ["job.estimate"],
+    "tokenisation (Windower.windows, all calls)": ["tokenize.windows"],
+    "forward with attentions": ["torch_backend.attentions"],
+    "sort_rows": ["stats.sort_rows"],
+    "head_statistics (incl. sort if not shared)": ["stats.head_statistics"],
+    "kept_weights (attention reduction)": ["reduce.kept_weights"],
+    "Arrow tables (stats/attention/documents/tokens)": [
+        "stages._stats_table", "stages._attention_table", "stages.documents_table",
+        "stages.tokens_table"],
+    "collate (padding)": ["batching.collate"],
+    "sort_tables": ["stages.sort_tables"],
+    "Parquet shards (write_shard)": ["writer.write_shard"],
+    "finish (head_summary, manifest)": ["writer.finish"],
+}
+
+
+def _profile_entries(profile: cProfile.Profile) -> list[tuple[str, int, float, float]]:
+    """(module.function, calls, own seconds, cumulative seconds) for every profiled function."""
+    entries = []
+    for (filename, _, name), (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items():
+        module = Path(filename).stem if filename != "~" else ""
+        label = f"{module}.{name}" if module else name
+        in_project = f"{os.sep}pipelines{os.sep}" in filename
+        entries.append((label if in_project or not module else f"[{module}] {name}",
+                        calls, own, cumulative))
+    return entries
+
+
+def profile_job(backend: Backend, corpus: Corpus, config: RunConfig, work: Path) -> None:
+    profile = cProfile.Profile()
+    gc.collect()
+    start = time.perf_counter()
+    profile.enable()
+    run_job([corpus.path], work / "profiled", config, backend=backend, progress=False)
+    profile.disable()
+    total = time.perf_counter() - start
+    shutil.rmtree(work / "profiled", ignore_errors=True)
+    entries = _profile_entries(profile)
+    cumulative = {label: cum for label, _, _, cum in entries}
+    print(f"  one job under cProfile: {total:.2f} s ({corpus.tokens / total:,.0f} tok/s); "
+          "cumulative seconds, nested stages overlap")
+    for label, names in BUCKETS.items():
+        seconds = sum(cumulative.get(n, 0.0) for n in names)
+        shown = f"{seconds:7.2f} s {seconds / total:6.1%}" if seconds else "      — (not found)"
+        print(f"    {label:50s} {shown}")
+    print("  hottest functions by own time (torch/numpy/pyarrow calls are leaves):")
+    for label, calls, own, _ in sorted(entries, key=lambda e: -e[2])[:14]:
+        print(f"    {own:7.2f} s {own / total:6.1%} {calls:7d}×  {label[:90]}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def code_state() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "pipelines"], capture_output=True,
+                               text=True, cwd=REPO).stdout.splitlines()
+    except OSError:
+        return "unknown"
+    return f"{head}" + (f" + uncommitted changes in {len(dirty)} pipelines/ files" if dirty else "")
+
+
+def status(passed: bool) -> str:
+    return "PASS" if passed else "MISS"
+
+
+def summary(results: dict[str, float | None], modes_done: bool) -> None:
+    print("\n== summary " + "=" * 69)
+    print(f"  {'check':40s}{'measured':>12s}{'target':>14s}  result")
+    rows = [
+        ("(a) job / bare forward tok/s", "forward", lambda v: f"{v:.3f}",
+         f">= {TARGET_FORWARD_RATIO}", lambda v: v >= TARGET_FORWARD_RATIO),
+        ("(b) job / naive loop tok/s", "naive", lambda v: f"{v:.1f}×",
+         f">= {TARGET_NAIVE_RATIO:g}×", lambda v: v >= TARGET_NAIVE_RATIO),
+        ("(c) peak RSS, 4× corpus / 1× corpus", "rss", lambda v: f"{v:.3f}",
+         f"1 ± {TARGET_RSS_SPREAD:g}", lambda v: abs(v - 1) <= TARGET_RSS_SPREAD),
+    ]
+    for label, key, fmt, target, check in rows:
+        value = results.get(key)
+        shown = ("skipped", "—") if value is None else (fmt(value), status(check(value)))
+        print(f"  {label:40s}{shown[0]:>12s}{target:>14s}  {shown[1]}")
+    print(f"  {'(d) bytes per token per mode':40s}{'see (d)' if modes_done else 'skipped':>12s}"
+          f"{'report':>14s}  —")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="registry name or local folder")
+    parser.add_argument("--docs", type=int, help=f"documents in the corpus (default "
+                        f"{FULL['docs']}, --quick {QUICK['docs']}; the whole set has ~940)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (~1 minute)")
+    parser.add_argument("--repeats", type=int, help="timed rounds of job and forward (default 2)")
+    parser.add_argument("--naive-docs", type=int, help="documents for the naive loop")
+    parser.add_argument("--mode-docs", type=int, help="documents for the attention-mode sizes")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "rss", "modes",
+                                                                  "profile"])
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--rss-child", nargs=2, metavar=("CORPUS", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def header(args: argparse.Namespace, backend: Backend, corpus: Corpus, load_s: float) -> None:
+    info = backend.info
+    print(f"headscope corpus throughput — code {code_state()}")
+    print(f"model {info.name} ({info.model_type}, {info.num_layers} layers × {info.num_heads} "
+          f"heads) on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"model loaded in {load_s:.1f} s (not timed)")
+    print(f"corpus: Python help-topic paragraphs, evenly spaced: {describe_corpus(corpus)}")
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    started = time.perf_counter()
+    start = time.perf_counter()
+    backend = create_backend("torch", args.model, "cpu")
+    load_s = time.perf_counter() - start
+    config = RunConfig(model=args.model, device="cpu", attention=AttentionMode.parse("topk:8"))
+    windower = Windower(backend.tokenizer, backend.info, config.windows)
+    rows = evenly_spaced(paragraphs(), args.docs)
+    corpus = make_corpus("corpus", rows, work, windower)
+    header(args, backend, corpus, load_s)
+    warm = make_corpus("warmup", stratified(corpus, 12) + [rows[int(corpus.doc_tokens().argmax())]],
+                       work, windower)
+    print(f"warm-up: one job + forward on {len(warm.rows)} documents "
+          f"({warm_up(backend, warm, config, work):.1f} s, not timed)")
+
+    results: dict[str, float | None] = {}
+    print(f"\n== (a) job vs bare forward with attentions, {args.repeats} interleaved rounds ==")
+    through = job_vs_forward(backend, corpus, windower, config, work, args.repeats)
+    report_throughput(through)
+    results["forward"] = through.ratio
+    job_rate = corpus.tokens / min(through.job)
+    if "naive" not in args.skip:
+        print("\n== (b) job vs naive loop (one window at a time, reference.all_heads) ==")
+        subset = make_corpus("naive", stratified(corpus, args.naive_docs), work, windower)
+        results["naive"] = job_vs_naive(backend, windower, corpus, subset, config, work, job_rate)
+    if "rss" not in args.skip:
+        print("\n== (c) peak RSS of a job in a fresh process (ru_maxrss of the child) ==")
+        large = make_corpus("corpus×4", repeated(rows, 4), work, windower)
+        results["rss"] = peak_rss(corpus, large, windower, config, args.model, work)
+    if "modes" not in args.skip:
+        print("\n== (d) on-disk bytes per token by attention mode (and per table) ==")
+        subset = make_corpus("modes", stratified(corpus, args.mode_docs), work, windower)
+        bytes_per_token(backend, subset, corpus, config, work)
+    if "profile" not in args.skip:
+        print("\n== (e) where a job's time goes (topk:8, the corpus of (a)) ==")
+        profile_job(backend, corpus, config, work)
+    summary(results, "modes" not in args.skip)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now "
+          f"{os.getloadavg()[0]:.1f} (other processes on the machine add noise)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child:
+        rss_child(*args.rss_child, args.model)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="headscope-bench-"))
+    try:
+        run(args, work)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

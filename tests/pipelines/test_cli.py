@@ -1,0 +1,234 @@
+"""The ``headscope run`` command as a real subprocess: success, clear errors, write-once output.
+
+Every command of this module runs once, in parallel, from one module fixture (starting Python
+with torch takes seconds); the tests then look at the outcome they are about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.reader import Dataset
+from pipelines.schema import TABLES
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).parent / "headscope"
+CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
+FAST = ["--model", "minilm", "--device", "cpu", "--no-progress"]
+PARALLEL = 4
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
+
+
+Snapshot = dict[str, tuple[int, bytes]]
+
+
+def snapshot(folder: Path) -> Snapshot:
+    """Every file under ``folder`` with its mtime and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_all(commands: dict[str, list[str]]) -> dict[str, Outcome]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def run(args: list[str]) -> Outcome:
+        done = subprocess.run([*CLI, "run", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        return Outcome(done.returncode, done.stdout, done.stderr)
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futures = {name: pool.submit(run, args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def model_folder(path: Path, config: dict, tokenizer: bool) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    if tokenizer:
+        (path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class World:
+    paths: dict[str, Path]
+    results: dict[str, Outcome]
+    before: dict[str, Snapshot]
+    after: dict[str, Snapshot]
+
+
+#: Commands run first, in parallel: name → arguments ({name} is a path of the World).
+FIRST_STAGE = {
+    "ok": ["{good}", "--out", "{ok}"],
+    "bad_json": ["{bad_json}", "--out", "{tmp}/out-bad-json"],
+    "no_text": ["{no_text}", "--out", "{tmp}/out-no-text"],
+    "empty": ["{empty}", "--out", "{tmp}/out-empty"],
+    "topk0": ["{good}", "--out", "{tmp}/out-topk0", "--attention", "topk:0"],
+    "foo": ["{good}", "--out", "{tmp}/out-foo", "--attention", "foo"],
+    "no_model": ["{good}", "--out", "{tmp}/out-no-model", "--model", "{tmp}/no-such-model"],
+    "no_tokenizer": ["{good}", "--out", "{tmp}/out-no-tok", "--model", "{no_tokenizer}"],
+    "t5": ["{good}", "--out", "{tmp}/out-t5", "--model", "{t5}"],
+    "unknown_type": ["{good}", "--out", "{tmp}/out-unknown", "--model", "{unknown_type}"],
+    "out_is_file": ["{good}", "--out", "{out_file}"],
+}
+#: Commands on existing folders (copies of the dataset made by "ok", and a foreign folder).
+SECOND_STAGE = {
+    "again": ["{good}", "--out", "{again}"],
+    "resume_bad": ["{bad_json}", "--out", "{resume_bad}", "--resume"],
+    "overwrite": ["{other}", "--out", "{overwrite}", "--overwrite"],
+    "overwrite_foreign": ["{good}", "--out", "{foreign}", "--overwrite"],
+}
+
+
+def expand_args(args: list[str], paths: dict[str, Path]) -> list[str]:
+    names = {k: str(v) for k, v in paths.items()}
+    with_model = [a.format(**names) for a in args]
+    if "--model" in with_model:  # a test model replaces the default one
+        return with_model + ["--device", "cpu", "--no-progress"]
+    return with_model + FAST
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    tmp = tmp_path_factory.mktemp("cli")
+    paths = {"tmp": tmp, "ok": tmp / "ok", "again": tmp / "again",
+             "resume_bad": tmp / "resume-bad", "overwrite": tmp / "overwrite",
+             "foreign": tmp / "foreign", "out_file": tmp / "just-a-file"}
+    paths["good"] = write_jsonl(tmp / "good.jsonl", [
+        {"id": "a", "text": "The cat sat on the mat."},
+        {"id": "b", "text": "Is attention all you need?", "text_pair": "Maybe not."}])
+    paths["other"] = write_jsonl(tmp / "other.jsonl", [{"id": "z", "text": "Something else."}])
+    paths["bad_json"] = tmp / "bad.jsonl"
+    paths["bad_json"].write_text('{"text": "one"}\n{"text": "two"}\n{"text": three}\n',
+                                 encoding="utf-8")
+    paths["no_text"] = tmp / "no-text.csv"
+    paths["no_text"].write_text("id,body\n1,hello\n", encoding="utf-8")
+    paths["empty"] = tmp / "empty.jsonl"
+    paths["empty"].write_bytes(b"")
+    paths["no_tokenizer"] = model_folder(tmp / "no-tokenizer", {"model_type": "bert"}, False)
+    paths["t5"] = model_folder(tmp / "t5-model", {"model_type": "t5"}, True)
+    paths["unknown_type"] = model_folder(tmp / "odd-model", {"model_type": "not-a-model"}, True)
+    paths["out_file"].write_text("I am a file, not a folder.\n", encoding="utf-8")
+    paths["foreign"].mkdir()
+    (paths["foreign"] / "thesis.txt").write_text("precious work\n", encoding="utf-8")
+
+    results = run_all({n: expand_args(a, paths) for n, a in FIRST_STAGE.items()})
+    assert results["ok"].returncode == 0, results["ok"].stderr
+    for name in ("again", "resume_bad", "overwrite"):
+        shutil.copytree(paths["ok"], paths[name])
+    watched = ("again", "resume_bad", "foreign", "out_file")
+    before = {name: snapshot(paths[name]) if paths[name].is_dir()
+              else {"": (paths[name].stat().st_mtime_ns, paths[name].read_bytes())}
+              for name in watched}
+    results.update(run_all({n: expand_args(a, paths) for n, a in SECOND_STAGE.items()}))
+    after = {name: snapshot(paths[name]) if paths[name].is_dir()
+             else {"": (paths[name].stat().st_mtime_ns, paths[name].read_bytes())}
+             for name in watched}
+    return World(paths, results, before, after)
+
+
+def assert_clean_error(outcome: Outcome, *needles: str) -> None:
+    """Non-zero exit, no traceback, one ``headscope: error:`` line holding every needle."""
+    assert outcome.returncode != 0
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    assert len(outcome.error_lines) == 1, outcome.stderr
+    for needle in needles:
+        assert needle in outcome.error_lines[0]
+
+
+def test_run_writes_a_readable_dataset(world: World) -> None:
+    outcome = world.results["ok"]
+    assert outcome.returncode == 0
+    assert "Traceback" not in outcome.stderr
+    assert outcome.stdout.startswith(f"wrote {world.paths['ok']}: 2 documents")
+    dataset = Dataset.open(world.paths["ok"])
+    assert dataset.manifest["status"] == "complete"
+    assert dataset.manifest["config"]["device"] == "cpu"
+    documents = dataset.table("documents")
+    assert sorted(documents["doc_id"]) == ["a", "b"]
+    assert documents.set_index("doc_id").loc["b", "text_pair"] == "Maybe not."
+    for table in (*TABLES, "head_summary"):
+        assert len(dataset.table(table)) == dataset.manifest["counts"][table] > 0
+
+
+#: Failing commands: name → (what the error line must contain, folder that must not appear).
+ERRORS = {
+    "bad_json": (["{bad_json}:3:", "invalid JSON"], "out-bad-json"),
+    "no_text": (["{no_text}", "'text'", "--text-column"], "out-no-text"),
+    "empty": (["{empty}", "empty"], "out-empty"),
+    "topk0": (["'topk:0'", "positive integer"], "out-topk0"),
+    "foo": (["'foo'", "none, topk:K, threshold:T or full"], "out-foo"),
+    "no_model": (["{tmp}/no-such-model", "--allow-download"], "out-no-model"),
+    "no_tokenizer": (["{no_tokenizer}", "no tokenizer"], "out-no-tok"),
+    "t5": (["'t5'", "supports"], "out-t5"),
+    "unknown_type": (["not-a-model"], "out-unknown"),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_input_gives_one_line_error(world: World, name: str) -> None:
+    needles, out = ERRORS[name]
+    names = {k: str(v) for k, v in world.paths.items()}
+    assert_clean_error(world.results[name], *(n.format(**names) for n in needles))
+    assert not (world.paths["tmp"] / out).exists()
+
+
+def test_out_that_is_a_file_is_refused(world: World) -> None:
+    assert_clean_error(world.results["out_is_file"], str(world.paths["out_file"]))
+    assert world.after["out_file"] == world.before["out_file"]
+
+
+def test_second_run_into_a_dataset_is_refused_untouched(world: World) -> None:
+    assert_clean_error(world.results["again"], str(world.paths["again"]), "not empty",
+                       "--resume", "--overwrite")
+    assert world.before["again"]
+    assert world.after["again"] == world.before["again"]
+
+
+def test_bad_input_with_resume_leaves_the_dataset_intact(world: World) -> None:
+    assert_clean_error(world.results["resume_bad"], f"{world.paths['bad_json']}:3:")
+    assert world.after["resume_bad"] == world.before["resume_bad"]
+    assert Dataset.open(world.paths["resume_bad"]).manifest["status"] == "complete"
+
+
+def test_overwrite_replaces_the_dataset(world: World) -> None:
+    outcome = world.results["overwrite"]
+    assert outcome.returncode == 0, outcome.stderr
+    dataset = Dataset.open(world.paths["overwrite"])
+    assert dataset.manifest["status"] == "complete"
+    assert [f["path"] for f in dataset.manifest["input"]["files"]] == [
+        str(world.paths["other"].resolve())]
+    for table in ("documents", "tokens", "head_stats", "attention"):
+        assert set(dataset.table(table)["doc_id"]) == {"z"}, table
+    assert len(list((world.paths["overwrite"] / "_shards").glob("*.json"))) == 1
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(world: World) -> None:
+    assert_clean_error(world.results["overwrite_foreign"], str(world.paths["foreign"]),
+                       "not a headscope dataset")
+    assert world.after["foreign"] == world.before["foreign"]
+    assert list(world.after["foreign"]) == ["thesis.txt"]
