@@ -39,7 +39,7 @@ import torch
 
 from pipelines.backends import Backend, create_backend
 from pipelines.batching import Batch, collate, plan_batches
-from pipelines.config import AttentionMode, RunConfig
+from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.demo import paragraphs
 from pipelines.job import run_job
 from pipelines.reference import all_heads
@@ -51,7 +51,7 @@ TARGET_FORWARD_RATIO = 0.85
 TARGET_NAIVE_RATIO = 4.0
 TARGET_RSS_SPREAD = 0.15
 FULL = {"docs": 200, "repeats": 2, "naive_docs": 16, "mode_docs": 40}
-QUICK = {"docs": 40, "repeats": 2, "naive_docs": 5, "mode_docs": 12}
+QUICK = {"docs": 60, "repeats": 2, "naive_docs": 4, "mode_docs": 10}
 
 
 # --------------------------------------------------------------------------- corpus
@@ -293,8 +293,8 @@ def naive_loop(backend: Backend, windower: Windower, rows: list[dict], config: R
     return time.perf_counter() - start, tokens
 
 
-def job_vs_naive(backend: Backend, windower: Windower, corpus: Corpus, subset: Corpus,
-                 config: RunConfig, work: Path, job_rate: float) -> float:
+def job_vs_naive(backend: Backend, windower: Windower, subset: Corpus, config: RunConfig,
+                 work: Path, job_rate: float) -> float:
     seconds, tokens = naive_loop(backend, windower, subset.rows, config, work / "naive.parquet")
     naive_rate = tokens / seconds
     job_seconds = timed_job(backend, subset, config, work / "job-subset")[0]
@@ -312,17 +312,19 @@ def job_vs_naive(backend: Backend, windower: Windower, corpus: Corpus, subset: C
 # --------------------------------------------------------------------------- (c) peak RSS
 
 
-def _rss_kb() -> int:
-    """Current resident set size of this process (kB)."""
+def _memory_kb() -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of this process in kB, from /proc/self/status."""
+    out = {}
     with open("/proc/self/status") as status_file:
         for line in status_file:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
 
 
 def _reset_peak() -> bool:
-    """Reset this process's peak RSS (ru_maxrss, VmHWM) to the current RSS (Linux)."""
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux clear_refs)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -330,30 +332,31 @@ def _reset_peak() -> bool:
     return True
 
 
-def rss_child(corpus: str, out: str, model: str) -> None:
+def rss_child(corpus: str, out: str, config: RunConfig) -> None:
     """Runs in a fresh process: load the model, run one job, print its peak RSS as JSON.
 
-    The model load has its own transient peak; it is read first, then the peak is reset so
-    ``job_peak_kb`` is the high-water mark while the job runs (model weights included).
+    The peak is VmHWM, this process's own high-water mark. ru_maxrss is not used: after
+    fork/exec it starts at the parent's RSS (several GB here). The model load has its own
+    transient peak; it is read first, then the mark is reset, so ``job_peak_kb`` is the peak
+    while the job runs (model weights included).
     """
-    backend = create_backend("torch", model, "cpu")
-    load_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    before_kb = _rss_kb()
+    backend = create_backend(config.backend, config.model, config.device)
+    loaded = _memory_kb()
     was_reset = _reset_peak()
     start = time.perf_counter()
-    result = run_job([corpus], out, RunConfig(model=model, device="cpu"), backend=backend,
-                     progress=False)
+    result = run_job([corpus], out, config, backend=backend, progress=False)
     seconds = time.perf_counter() - start
-    job_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"tokens": result.tokens, "windows": result.windows, "seconds": seconds,
-                      "load_peak_kb": load_peak_kb, "before_kb": before_kb,
-                      "job_peak_kb": job_peak_kb, "reset": was_reset}))
+                      "load_peak_kb": loaded["VmHWM"], "before_kb": loaded["VmRSS"],
+                      "job_peak_kb": _memory_kb()["VmHWM"], "reset": was_reset}))
 
 
-def spawn_rss_child(corpus: Corpus, out: Path, model: str) -> dict:
+def spawn_rss_child(corpus: Corpus, out: Path, config: RunConfig) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--model", model,
+    command = [sys.executable, str(Path(__file__).resolve()), "--model", config.model,
                "--rss-child", str(corpus.path), str(out)]
+    if config.windows.max_length:
+        command += ["--max-length", str(config.windows.max_length)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
@@ -361,14 +364,18 @@ def spawn_rss_child(corpus: Corpus, out: Path, model: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def peak_rss(corpus: Corpus, large: Corpus, windower: Windower, config: RunConfig, model: str,
-             work: Path) -> float | None:
+def peak_rss(corpus: Corpus, large: Corpus, windower: Windower, config: RunConfig,
+             work: Path) -> tuple[float | None, bool]:
+    """4× / 1× peak RSS, and whether the 1× corpus leaves batches or its shard unfilled."""
     reports, fills = {}, {}
+    parent = _memory_kb()
+    print(f"  (this process, after the jobs above: RSS {parent['VmRSS'] / 1024:,.0f} MB, peak "
+          f"{parent['VmHWM'] / 1024:,.0f} MB)")
     for item in (corpus, large):
-        report = spawn_rss_child(item, work / f"rss-{item.name}", model)
+        report = spawn_rss_child(item, work / f"rss-{item.name}", config)
         if "error" in report:
             print(f"  {item.name}: child failed: {report['error']}")
-            return None
+            return None, False
         reports[item.name] = report
         groups = shard_groups(item, windower, config)
         fills[item.name] = (largest(planned_shapes(item, windower, config)), len(groups))
@@ -382,14 +389,16 @@ def peak_rss(corpus: Corpus, large: Corpus, windower: Windower, config: RunConfi
     ratio = reports[large.name]["job_peak_kb"] / reports[corpus.name]["job_peak_kb"]
     print(f"  4× / 1× peak RSS during the job = {ratio:.3f}   target within "
           f"±{TARGET_RSS_SPREAD:.0%}")
-    if fills[corpus.name][0] != fills[large.name][0]:
+    unfilled_batch = fills[corpus.name][0] != fills[large.name][0]
+    unfilled_shard = corpus.tokens < config.shard_tokens
+    if unfilled_batch:
         print(f"  caution: the 1× corpus does not fill the largest batch ({fills[corpus.name][0]} "
               f"vs {fills[large.name][0]} windows × length) — that part of any growth is batch "
               "fill, bounded by --batch-tokens, not corpus size; use more --docs for a clean test")
-    if corpus.tokens < config.shard_tokens:
+    if unfilled_shard:
         print(f"  caution: the 1× corpus is {corpus.tokens / config.shard_tokens:.0%} of one shard "
               f"({config.shard_tokens:,} tokens); per-shard tables grow until a shard is full")
-    return ratio
+    return ratio, unfilled_batch or unfilled_shard
 
 
 # --------------------------------------------------------------------------- (d) bytes per token
@@ -429,7 +438,7 @@ def bytes_per_token(backend: Backend, subset: Corpus, corpus: Corpus, config: Ru
     pairs = lengths * (lengths + 1) // 2 if info.causal else lengths**2
     full_rows = int(pairs.sum()) * info.num_layers * info.num_heads
     print(f"  full mode grows with window length: on the whole benchmark corpus it would keep "
-          f"{full_rows / 1e6:,.0f} M rows ≈ {full_rows * per_row['full'] / 1e9:,.2f} GB "
+          f"{full_rows / 1e6:,.1f} M rows ≈ {full_rows * per_row['full'] / 1e6:,.0f} MB "
           f"({full_rows * per_row['full'] / corpus.tokens / 1e3:,.1f} kB/token)")
 
 
@@ -438,7 +447,7 @@ def bytes_per_token(backend: Backend, subset: Corpus, corpus: Corpus, config: Ru
 
 BUCKETS = {  # label → function names (module stem.function) whose cumulative time is shown
     "input validation (read, hash, check ids)": ["inputs.validate"],
-    "estimate (re-tokenises a sample)": ["job.estimate"],
+    "size survey (tokenises every document first)": ["job.survey", "job.estimate"],
     "tokenisation (Windower.windows, all calls)": ["tokenize.windows"],
     "forward with attentions": ["torch_backend.attentions"],
     "sort_rows": ["stats.sort_rows"],
@@ -469,16 +478,21 @@ def _profile_entries(profile: cProfile.Profile) -> list[tuple[str, int, float, f
 def profile_job(backend: Backend, corpus: Corpus, config: RunConfig, work: Path) -> None:
     profile = cProfile.Profile()
     gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     profile.enable()
     run_job([corpus.path], work / "profiled", config, backend=backend, progress=False)
     profile.disable()
     total = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     shutil.rmtree(work / "profiled", ignore_errors=True)
     entries = _profile_entries(profile)
     cumulative = {label: cum for label, _, _, cum in entries}
     print(f"  one job under cProfile: {total:.2f} s ({corpus.tokens / total:,.0f} tok/s); "
           "cumulative seconds, nested stages overlap")
+    print(f"  CPU time user {after.ru_utime - before.ru_utime:.1f} s, system "
+          f"{after.ru_stime - before.ru_stime:.1f} s; {after.ru_minflt - before.ru_minflt:,} minor "
+          "page faults (fresh memory for large tensors: system time)")
     for label, names in BUCKETS.items():
         seconds = sum(cumulative.get(n, 0.0) for n in names)
         shown = f"{seconds:7.2f} s {seconds / total:6.1%}" if seconds else "      — (not found)"
@@ -506,7 +520,7 @@ def status(passed: bool) -> str:
     return "PASS" if passed else "MISS"
 
 
-def summary(results: dict[str, float | None], modes_done: bool) -> None:
+def summary(results: dict[str, float | None], modes_done: bool, notes: list[str]) -> None:
     print("\n== summary " + "=" * 69)
     print(f"  {'check':40s}{'measured':>12s}{'target':>14s}  result")
     rows = [
@@ -523,6 +537,8 @@ def summary(results: dict[str, float | None], modes_done: bool) -> None:
         print(f"  {label:40s}{shown[0]:>12s}{target:>14s}  {shown[1]}")
     print(f"  {'(d) bytes per token per mode':40s}{'see (d)' if modes_done else 'skipped':>12s}"
           f"{'report':>14s}  —")
+    for note in notes:
+        print(f"  note: {note}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -535,6 +551,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds of job and forward (default 2)")
     parser.add_argument("--naive-docs", type=int, help="documents for the naive loop")
     parser.add_argument("--mode-docs", type=int, help="documents for the attention-mode sizes")
+    parser.add_argument("--max-length", type=int, help="tokens per window (default: the "
+                        "model's limit); shorter windows make statistics relatively cheaper")
     parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "rss", "modes",
                                                                   "profile"])
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -548,6 +566,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def make_config(args: argparse.Namespace) -> RunConfig:
+    """The job settings every measurement uses: job defaults, CPU, topk:8."""
+    return RunConfig(model=args.model, device="cpu", attention=AttentionMode.parse("topk:8"),
+                     windows=WindowConfig(max_length=args.max_length))
+
+
 def header(args: argparse.Namespace, backend: Backend, corpus: Corpus, load_s: float) -> None:
     info = backend.info
     print(f"headscope corpus throughput — code {code_state()}")
@@ -555,25 +579,30 @@ def header(args: argparse.Namespace, backend: Backend, corpus: Corpus, load_s: f
           f"heads) on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"model loaded in {load_s:.1f} s (not timed)")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc:
+        print(f"allocator settings: {malloc}")
     print(f"corpus: Python help-topic paragraphs, evenly spaced: {describe_corpus(corpus)}")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     started = time.perf_counter()
+    config = make_config(args)
     start = time.perf_counter()
-    backend = create_backend("torch", args.model, "cpu")
+    backend = create_backend(config.backend, config.model, config.device)
     load_s = time.perf_counter() - start
-    config = RunConfig(model=args.model, device="cpu", attention=AttentionMode.parse("topk:8"))
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     rows = evenly_spaced(paragraphs(), args.docs)
     corpus = make_corpus("corpus", rows, work, windower)
     header(args, backend, corpus, load_s)
-    warm = make_corpus("warmup", stratified(corpus, 12) + [rows[int(corpus.doc_tokens().argmax())]],
+    warm = make_corpus("warmup", stratified(corpus, 8) + [rows[int(corpus.doc_tokens().argmax())]],
                        work, windower)
     print(f"warm-up: one job + forward on {len(warm.rows)} documents "
           f"({warm_up(backend, warm, config, work):.1f} s, not timed)")
 
     results: dict[str, float | None] = {}
+    notes: list[str] = [f"(a) best of {args.repeats} rounds each; per-round ratios and spread "
+                        "in (a)"]
     print(f"\n== (a) job vs bare forward with attentions, {args.repeats} interleaved rounds ==")
     through = job_vs_forward(backend, corpus, windower, config, work, args.repeats)
     report_throughput(through)
@@ -582,11 +611,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if "naive" not in args.skip:
         print("\n== (b) job vs naive loop (one window at a time, reference.all_heads) ==")
         subset = make_corpus("naive", stratified(corpus, args.naive_docs), work, windower)
-        results["naive"] = job_vs_naive(backend, windower, corpus, subset, config, work, job_rate)
+        results["naive"] = job_vs_naive(backend, windower, subset, config, work, job_rate)
     if "rss" not in args.skip:
-        print("\n== (c) peak RSS of a job in a fresh process (ru_maxrss of the child) ==")
+        print("\n== (c) peak RSS of a job in a fresh process (the child's VmHWM) ==")
         large = make_corpus("corpus×4", repeated(rows, 4), work, windower)
-        results["rss"] = peak_rss(corpus, large, windower, config, args.model, work)
+        results["rss"], unfilled = peak_rss(corpus, large, windower, config, work)
+        if unfilled:
+            notes.append("(c) the 1× corpus does not fill the largest batch and/or one shard, so "
+                         "part of the growth is fill, not corpus size (see (c))")
     if "modes" not in args.skip:
         print("\n== (d) on-disk bytes per token by attention mode (and per table) ==")
         subset = make_corpus("modes", stratified(corpus, args.mode_docs), work, windower)
@@ -594,7 +626,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if "profile" not in args.skip:
         print("\n== (e) where a job's time goes (topk:8, the corpus of (a)) ==")
         profile_job(backend, corpus, config, work)
-    summary(results, "modes" not in args.skip)
+    summary(results, "modes" not in args.skip, notes)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now "
           f"{os.getloadavg()[0]:.1f} (other processes on the machine add noise)")
 
@@ -602,7 +634,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rss_child:
-        rss_child(*args.rss_child, args.model)
+        rss_child(*args.rss_child, make_config(args))
         return 0
     work = Path(tempfile.mkdtemp(prefix="headscope-bench-"))
     try:

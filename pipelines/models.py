@@ -143,6 +143,14 @@ def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedMo
     )
 
 
+def load_tokenizer(name: str, allow_download: bool = False) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model (no weights), e.g. for a front end that splits text."""
+    source, local = resolve(name, allow_download)
+    if local:
+        _check_folder(Path(source))
+    return AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
+
+
 def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
          allow_download: bool = False) -> LoadedModel:
     """Load tokenizer and model with eager attention, in eval mode, on ``device``."""

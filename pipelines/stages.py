@@ -109,10 +109,10 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig) -> dict[str
     }
 
 
-def analyse_windows(backend: Backend, windows: list[Window], config: RunConfig,
-                    on_batch: Callable[[list[Window]], object] | None = None
-                    ) -> dict[str, pa.Table]:
-    """All four tables for ``windows``, batched by length under the token budget."""
+def model_tables(backend: Backend, windows: list[Window], config: RunConfig,
+                 on_batch: Callable[[list[Window]], object] | None = None
+                 ) -> dict[str, pa.Table]:
+    """``head_stats`` and ``attention`` for ``windows``, batched by length under the budget."""
     parts: dict[str, list[pa.Table]] = {"head_stats": [], "attention": []}
     for indices in plan_batches([w.n_tokens for w in windows], config.batch_tokens):
         chosen = [windows[i] for i in indices]
@@ -121,11 +121,15 @@ def analyse_windows(backend: Backend, windows: list[Window], config: RunConfig,
             parts[name].append(table)
         if on_batch is not None:
             on_batch(chosen)
-    return {
-        "documents": documents_table(windows),
-        "tokens": tokens_table(windows),
-        **{name: pa.concat_tables(tables) for name, tables in parts.items()},
-    }
+    return {name: pa.concat_tables(tables) for name, tables in parts.items()}
+
+
+def analyse_windows(backend: Backend, windows: list[Window], config: RunConfig,
+                    on_batch: Callable[[list[Window]], object] | None = None
+                    ) -> dict[str, pa.Table]:
+    """All four tables for ``windows``."""
+    return {"documents": documents_table(windows), "tokens": tokens_table(windows),
+            **model_tables(backend, windows, config, on_batch)}
 
 
 def sort_tables(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:

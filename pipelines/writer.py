@@ -189,3 +189,21 @@ def head_summary(head_stats_dir: Path) -> pa.Table:
         columns[f"{name}_std"] = pa.array(np.where(count > 1, std, np.nan), from_pandas=True)
     columns["n_tokens_mean"] = tokens.ravel() / windows.ravel()
     return pa.table(columns, schema=schema.HEAD_SUMMARY)
+
+
+def append_parts(root: str | Path, part_id: str, tables: dict[str, pa.Table],
+                 manifest: dict) -> dict[str, int]:
+    """Add one part per table to an open-ended dataset (the service's ``store``).
+
+    The manifest is written once, when the folder is new; each part file appears atomically
+    under a name no other writer uses, so concurrent writers never clash.
+    """
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / MANIFEST, {**manifest, "status": "open"})
+    name = f"part-{part_id}.parquet"
+    for table_name in schema.TABLES:
+        atomic_write_parquet(root / table_name / name, tables[table_name],
+                             schema.ROW_GROUP_ROWS[table_name])
+    return {table_name: tables[table_name].num_rows for table_name in schema.TABLES}

@@ -1,0 +1,301 @@
+"""FastAPI ingress and the Ray Serve application builder.
+
+Routes: POST /v1/attention, GET /v1/models, GET /healthz, GET /readyz, OpenAPI at /docs.
+The ingress validates and tokenises requests (so limits are checked before any model work),
+sends each document to its model deployment, where documents from concurrent requests are
+batched, and assembles tables with the same names and schema as a corpus job's Parquet files.
+"""
+
+
+import asyncio
+import datetime as dt
+import hmac
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from pipelines import STATS_VERSION, __version__, schema, stages
+from pipelines.config import ConfigError, WindowConfig
+from pipelines.models import ModelInfo, load_tokenizer
+from pipelines.stats import DEFINITIONS, K90_MASS
+from pipelines.tokenize import Document, Window, Windower
+from pipelines.writer import append_parts
+from service.config import ServiceConfig
+from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription
+from service.worker import DocumentJob, ModelWorker
+
+log = logging.getLogger(__name__)
+OPEN_ROUTES = {"/healthz", "/readyz"}
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a message that says what to fix."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None,
+                 details: list | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+        self.details = details
+
+
+def error_response(status: int, message: str, details: list | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body: dict = {"error": message}
+    if details:
+        body["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class ModelState:
+    """What the ingress keeps per model: its worker handle, description and tokenizer."""
+
+    handle: DeploymentHandle
+    description: dict
+    info: ModelInfo
+    tokenizer: object
+
+
+def _records(table: pa.Table) -> list[dict]:
+    if "weight" in table.column_names and table.schema.field("weight").type == pa.float16():
+        table = table.set_column(table.schema.get_field_index("weight"), "weight",
+                                 table["weight"].cast(pa.float32()))
+    return table.to_pylist()
+
+
+def _select(table: pa.Table, layers: list[int] | None, heads: list[int] | None) -> pa.Table:
+    for name, wanted in (("layer", layers), ("head", heads)):
+        if wanted is not None:
+            table = table.filter(pc.is_in(table[name], pa.array(wanted, table[name].type)))
+    return table
+
+
+app = FastAPI(title="headscope", version=__version__,
+              description="Attention statistics and weights for posted text. Tables have "
+                          "the same names and columns as a corpus job's Parquet dataset.")
+app.state.token = None
+
+
+@app.middleware("http")
+async def authenticate(request: Request, call_next):
+    """With a token configured, every route but the health checks needs it."""
+    token: str | None = request.app.state.token
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+    if token is not None and path not in OPEN_ROUTES:
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return error_response(401, "missing or wrong bearer token: send "
+                                  "'Authorization: Bearer <token>'",
+                                  headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+@app.exception_handler(ApiError)
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.details, exc.headers)
+
+
+async def parse_request(request: Request) -> AttentionRequest:
+    """Body → AttentionRequest: 400 for bytes/JSON problems, 422 for invalid fields."""
+    body = await request.body()
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8 text; send JSON encoded as UTF-8") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} "
+                            f"column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "request body must be a JSON object with 'texts' or 'inputs'")
+    try:
+        return AttentionRequest.model_validate(data)
+    except ValidationError as exc:
+        details = [{"field": ".".join(str(p) for p in e["loc"]) or "body",
+                    "problem": e["msg"].removeprefix("Value error, ")}
+                   for e in exc.errors(include_url=False, include_input=False)]
+        summary = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
+        raise ApiError(422, f"invalid request: {summary}", details=details) from None
+
+
+def _arrow_response(table: pa.Table, name: str) -> Response:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM,
+                    headers={"X-Headscope-Table": name})
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP front: validation, tokenisation, limits, fan-out to model workers, responses."""
+
+    def __init__(self, config: ServiceConfig, workers: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        self.workers = workers
+        self.models: dict[str, ModelState] = {}
+        self.lock = asyncio.Lock()
+        app.state.token = config.auth_token()
+        self.store_root = Path(config.dataset_root).resolve()
+
+    async def _model(self, name: str | None) -> ModelState:
+        name = name or self.config.default_model
+        if name not in self.workers:
+            raise ApiError(404, f"unknown model {name!r}; available: "
+                                f"{', '.join(self.workers)} (GET /v1/models)")
+        async with self.lock:
+            if name not in self.models:
+                handle = self.workers[name]
+                description = await handle.describe.remote()
+                runtime = description.pop("runtime")
+                info = ModelInfo(**description)
+                tokenizer = await asyncio.to_thread(load_tokenizer, info.path)
+                self.models[name] = ModelState(handle, {**description, "runtime": runtime},
+                                               info, tokenizer)
+        return self.models[name]
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            for name in self.workers:
+                await asyncio.wait_for(self._model(name), timeout=30)
+        except Exception as exc:  # not ready yet: a worker is starting or failing
+            return error_response(503, f"not ready: {exc}", headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "models": list(self.workers)})
+
+    @app.get("/v1/models", response_model=list[ModelDescription])
+    async def list_models(self) -> list[ModelDescription]:
+        out = []
+        for name in self.workers:
+            state = await self._model(name)
+            info = state.info
+            out.append(ModelDescription(
+                name=name, model=self.config.model(name).model, family=info.family,
+                model_type=info.model_type, num_layers=info.num_layers,
+                num_heads=info.num_heads, max_length=info.max_length,
+                config_hash=info.config_hash, runtime=state.description["runtime"]))
+        return out
+
+    @app.post("/v1/attention", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": AttentionRequest.model_json_schema()}}}})
+    async def attention(self, request: Request) -> Response:
+        """Statistics and weights for the posted texts (JSON, or Arrow IPC via Accept)."""
+        body = await parse_request(request)
+        state = await self._model(body.model)
+        self._check_ranges(body, state.info)
+        windows = self._windows(body, state)
+        jobs = [DocumentJob(doc_windows, body.attention, body.local_window)
+                for doc_windows in windows]
+        try:
+            results = await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
+        except BackPressureError:
+            retry = str(int(self.config.ingress.retry_after_s))
+            raise ApiError(503, "the model is overloaded; retry shortly",
+                           {"Retry-After": retry}) from None
+        flat = [w for doc_windows in windows for w in doc_windows]
+        tables = {"documents": stages.documents_table(flat), "tokens": stages.tokens_table(flat),
+                  **stages.concat(results)}
+        tables = stages.sort_tables(tables)
+        if body.store:
+            self._store(body, state, tables)
+        tables["head_stats"] = _select(tables["head_stats"], body.layers, body.heads)
+        tables["attention"] = _select(tables["attention"], body.layers, body.heads)
+        if not body.statistics:
+            tables["head_stats"] = schema.HEAD_STATS.empty_table()
+        if ARROW_STREAM in request.headers.get("accept", ""):
+            return _arrow_response(tables[body.table], body.table)
+        payload = {"model": state.info.name if body.model is None else body.model,
+                   "attention_mode": body.attention,
+                   **{name: _records(t) for name, t in tables.items()}}
+        return JSONResponse(payload)
+
+    def _check_ranges(self, body: AttentionRequest, info: ModelInfo) -> None:
+        for name, values, limit in (("layers", body.layers, info.num_layers),
+                                    ("heads", body.heads, info.num_heads)):
+            bad = [v for v in values or [] if not 0 <= v < limit]
+            if bad:
+                raise ApiError(422, f"{name} {bad} out of range: this model has {limit} "
+                                    f"{name} (0..{limit - 1})")
+        limits = self.config.limits
+        items = body.items()
+        if len(items) > limits.max_inputs:
+            raise ApiError(413, f"{len(items)} inputs; at most {limits.max_inputs} per request")
+        chars = sum(len(i.text) + len(i.text_pair or "") for i in items)
+        if chars > limits.max_characters:
+            raise ApiError(413, f"{chars} characters; at most {limits.max_characters} per "
+                                "request: split the texts over several requests")
+
+    def _windows(self, body: AttentionRequest, state: ModelState) -> list[list[Window]]:
+        try:
+            windower = Windower(state.tokenizer, state.info,
+                                WindowConfig(body.max_length, body.stride, body.truncate))
+            request_id = uuid.uuid4().hex[:12]
+            docs = [Document(item.id or f"request-{request_id}:{index}", item.text,
+                             item.text_pair, source="http", source_line=index)
+                    for index, item in enumerate(body.items())]
+            windows = [windower.windows(doc) for doc in docs]
+        except ConfigError as exc:
+            raise ApiError(422, str(exc)) from None
+        tokens = sum(w.n_tokens for doc_windows in windows for w in doc_windows)
+        if tokens > self.config.limits.max_tokens:
+            raise ApiError(413, f"{tokens} tokens; at most {self.config.limits.max_tokens} per "
+                                "request: split the texts over several requests")
+        return windows
+
+    def _store(self, body: AttentionRequest, state: ModelState,
+               tables: dict[str, pa.Table]) -> None:
+        """Append to <dataset_root>/<model name>/ — a folder no client can choose."""
+        root = self.store_root / (body.model or self.config.default_model)
+        manifest = {
+            "format": "headscope-dataset/1", "tool_version": __version__,
+            "stats_version": STATS_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {k: v for k, v in state.description.items() if k != "runtime"},
+            "runtime": state.description["runtime"],
+            "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS},
+            "input": {"source": "http"},
+        }
+        part = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        append_parts(root, part, tables, manifest)
+
+
+def build(args: dict) -> serve.Application:
+    """Serve application builder (``import_path: service.app:build``)."""
+    config = ServiceConfig.model_validate(args or {})
+    workers = {}
+    for model in config.models:
+        options = {
+            "name": f"model-{model.name}",
+            "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            "max_ongoing_requests": model.max_ongoing_requests,
+            "max_queued_requests": model.max_queued_requests,
+        }
+        if model.autoscaling is not None:
+            options["autoscaling_config"] = model.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = model.num_replicas
+        workers[model.name] = ModelWorker.options(**options).bind(model)
+    ingress = config.ingress
+    return Ingress.options(
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        max_queued_requests=ingress.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": ingress.retry_after_s},
+    ).bind(config, workers)

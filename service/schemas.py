@@ -1,0 +1,89 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.config import AttentionMode, ConfigError
+
+TableName = Literal["documents", "tokens", "head_stats", "attention"]
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+class InputItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    id: str | None = Field(None, min_length=1, max_length=256)
+    text_pair: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is blank")
+        return value
+
+
+class AttentionRequest(BaseModel):
+    """POST /v1/attention. Give ``texts`` or ``inputs``, not both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"texts": ["The cat sat on the mat."], "attention": "topk:4", "layers": [0, 5]}]})
+
+    texts: list[str] | None = None
+    inputs: list[InputItem] | None = None
+    model: str | None = Field(None, description="a configured model name (GET /v1/models)")
+    layers: list[int] | None = Field(None, description="keep only these layers")
+    heads: list[int] | None = Field(None, description="keep only these heads")
+    attention: str = Field("topk:8", description="none, topk:K, threshold:T or full")
+    statistics: bool = Field(True, description="return head_stats")
+    max_length: int | None = Field(None, ge=2)
+    stride: int = Field(64, ge=0)
+    truncate: bool = False
+    local_window: int = Field(2, ge=0, le=64)
+    store: bool = Field(False, description="also append the results to the service dataset")
+    table: TableName = Field("head_stats",
+                             description="the table sent when Accept asks for Arrow")
+
+    @field_validator("attention")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        try:
+            return str(AttentionMode.parse(value))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AttentionRequest:
+        if (self.texts is None) == (self.inputs is None):
+            raise ValueError("give either 'texts' (a list of strings) or 'inputs', not both")
+        if self.texts is not None:
+            blank = [i for i, t in enumerate(self.texts) if not t.strip()]
+            if blank:
+                raise ValueError(f"texts {blank} are empty; every text needs content")
+        if not self.items():
+            raise ValueError("no texts given; send at least one")
+        ids = [item.id for item in self.items() if item.id is not None]
+        if len(ids) != len(set(ids)):
+            raise ValueError("input ids must be unique within a request")
+        return self
+
+    def items(self) -> list[InputItem]:
+        if self.inputs is not None:
+            return self.inputs
+        return [InputItem(text=t) for t in self.texts or []]
+
+
+class ModelDescription(BaseModel):
+    name: str
+    model: str
+    family: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    max_length: int
+    config_hash: str
+    runtime: dict

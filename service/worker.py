@@ -1,0 +1,106 @@
+"""The model deployment: batches documents from concurrent requests into forward passes.
+
+``analyse_documents`` is the batching logic as a plain function (tested without Serve);
+``ModelWorker`` wraps it in ``@serve.batch`` on a Ray Serve replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from pipelines import stages
+from pipelines.backends import Backend, create_backend
+from pipelines.config import AttentionMode, RunConfig
+from pipelines.tokenize import Window
+from service.config import ModelConfig
+
+log = logging.getLogger(__name__)
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@dataclass
+class DocumentJob:
+    """One document's windows and the options its request asked for."""
+
+    windows: list[Window]
+    attention: str
+    local_window: int
+
+
+def _tag(windows: list[Window], key: str) -> list[Window]:
+    """The same windows under a batch-unique doc_id (ids from different requests may clash)."""
+    return [dataclasses.replace(w, doc=dataclasses.replace(w.doc, doc_id=key)) for w in windows]
+
+
+def _split(tables: dict[str, pa.Table], key: str, doc_id: str) -> dict[str, pa.Table]:
+    out = {}
+    for name, table in tables.items():
+        part = table.filter(pc.equal(table["doc_id"], key))
+        column = pa.array([doc_id] * part.num_rows, type=pa.string())
+        out[name] = part.set_column(part.schema.get_field_index("doc_id"), "doc_id", column)
+    return out
+
+
+def analyse_documents(backend: Backend, jobs: list[DocumentJob],
+                      batch_tokens: int) -> list[dict[str, pa.Table]]:
+    """head_stats and attention for every job, computed in as few forward passes as possible.
+
+    Jobs that share options are analysed together (one length-bucketed batching over all of
+    their windows); results come back in job order, under each job's own doc_id.
+    """
+    results: list[dict[str, pa.Table] | None] = [None] * len(jobs)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault((job.attention, job.local_window), []).append(index)
+    for (attention, local_window), members in groups.items():
+        config = RunConfig(attention=AttentionMode.parse(attention), local_window=local_window,
+                           batch_tokens=batch_tokens)
+        windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
+        tables = stages.model_tables(backend, windows, config)
+        for i in members:
+            results[i] = _split(tables, str(i), jobs[i].windows[0].doc.doc_id)
+    return [r for r in results if r is not None]
+
+
+@serve.deployment
+class ModelWorker:
+    """A replica holding one model; documents from concurrent requests share batches."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.backend = create_backend(config.backend, config.model, config.device, config.dtype)
+        self.analyse.set_max_batch_size(config.max_batch_size)
+        self.analyse.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.tags = {"model": config.name}
+        self.documents = Counter("headscope_documents", "documents analysed", tag_keys=("model",))
+        self.tokens = Counter("headscope_tokens", "tokens analysed", tag_keys=("model",))
+        self.batch_sizes = Histogram("headscope_batch_size", "documents per forward batch",
+                                     boundaries=BATCH_SIZE_BOUNDARIES, tag_keys=("model",))
+        self.recent_batch_sizes: list[int] = []
+
+    def describe(self) -> dict:
+        info = dataclasses.asdict(self.backend.info)
+        return {**info, "runtime": self.backend.describe()}
+
+    def batch_size_log(self) -> list[int]:
+        """Sizes of the most recent batches (for tests and the load benchmark)."""
+        return list(self.recent_batch_sizes)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def analyse(self, jobs: list[DocumentJob]) -> list[dict[str, pa.Table]]:
+        # In a thread: the event loop keeps queueing the next batch while this one runs.
+        results = await asyncio.to_thread(analyse_documents, self.backend, jobs,
+                                          self.config.batch_tokens)
+        self.batch_sizes.observe(len(jobs), tags=self.tags)
+        self.documents.inc(len(jobs), tags=self.tags)
+        self.tokens.inc(sum(w.n_tokens for job in jobs for w in job.windows), tags=self.tags)
+        self.recent_batch_sizes = (self.recent_batch_sizes + [len(jobs)])[-1000:]
+        return results
