@@ -355,6 +355,7 @@ def spawn_rss_child(corpus: Corpus, out: Path, config: RunConfig) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--model", config.model,
                "--rss-child", str(corpus.path), str(out)]
+    command += ["--attention", str(config.attention)]
     if config.windows.max_length:
         command += ["--max-length", str(config.windows.max_length)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
@@ -551,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds of job and forward (default 2)")
     parser.add_argument("--naive-docs", type=int, help="documents for the naive loop")
     parser.add_argument("--mode-docs", type=int, help="documents for the attention-mode sizes")
+    parser.add_argument("--attention", default="topk:8",
+                        help="attention mode of the timed job, (a) (c) (e) (default topk:8)")
     parser.add_argument("--max-length", type=int, help="tokens per window (default: the "
                         "model's limit); shorter windows make statistics relatively cheaper")
     parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "rss", "modes",
@@ -567,8 +570,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> RunConfig:
-    """The job settings every measurement uses: job defaults, CPU, topk:8."""
-    return RunConfig(model=args.model, device="cpu", attention=AttentionMode.parse("topk:8"),
+    """The job settings every measurement uses: job defaults, CPU, --attention (topk:8)."""
+    return RunConfig(model=args.model, device="cpu", attention=AttentionMode.parse(args.attention),
                      windows=WindowConfig(max_length=args.max_length))
 
 
@@ -603,7 +606,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     results: dict[str, float | None] = {}
     notes: list[str] = [f"(a) best of {args.repeats} rounds each; per-round ratios and spread "
                         "in (a)"]
-    print(f"\n== (a) job vs bare forward with attentions, {args.repeats} interleaved rounds ==")
+    print(f"\n== (a) job ({config.attention}) vs bare forward with attentions, {args.repeats} "
+          "interleaved rounds ==")
     through = job_vs_forward(backend, corpus, windower, config, work, args.repeats)
     report_throughput(through)
     results["forward"] = through.ratio
@@ -624,7 +628,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         subset = make_corpus("modes", stratified(corpus, args.mode_docs), work, windower)
         bytes_per_token(backend, subset, corpus, config, work)
     if "profile" not in args.skip:
-        print("\n== (e) where a job's time goes (topk:8, the corpus of (a)) ==")
+        print(f"\n== (e) where a job's time goes ({config.attention}, the corpus of (a)) ==")
         profile_job(backend, corpus, config, work)
     summary(results, "modes" not in args.skip, notes)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now "

@@ -34,14 +34,20 @@ class Batch:
         return Batch(windows=self.windows, **moved)
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_attention_elems: int = 2**27,
+#: Attention cells (layers × heads × B × S²) per batch: 2**26 float32 cells = 256 MiB.
+MAX_ATTENTION_CELLS = 2**26
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, heads: int = 1,
+                 max_attention_cells: int = MAX_ATTENTION_CELLS,
                  min_fill: float = 0.75) -> list[list[int]]:
     """Group indices into batches of similar length.
 
     Indices are visited longest first. A batch holds at most ``batch_tokens`` padded tokens
-    (B × longest) and ``max_attention_elems`` attention cells per layer and head
-    (B × longest²), and only windows at least ``min_fill`` × its longest, so padding stays
-    small. Every index lands in exactly one batch.
+    (B × longest), at most ``max_attention_cells`` attention weights over all ``heads``
+    (layers × heads × B × longest², which bounds memory for long windows), and only windows
+    at least ``min_fill`` × its longest, so padding stays small. Every index lands in
+    exactly one batch.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches: list[list[int]] = []
@@ -50,7 +56,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_attention_elems:
     for index in order.tolist():
         length = lengths[index]
         size = len(current) + 1
-        fits = (size * longest <= batch_tokens and size * longest**2 <= max_attention_elems
+        fits = (size * longest <= batch_tokens
+                and heads * size * longest**2 <= max_attention_cells
                 and length >= min_fill * longest)
         if not current or not fits:
             if current:

@@ -17,14 +17,14 @@ def visible_pairs(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return pairs
 
 
-def top_k_mask(attn: torch.Tensor, sorted_desc: torch.Tensor, visible: torch.Tensor,
-               quota: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(attn: torch.Tensor, kth_largest: torch.Tensor, visible: torch.Tensor,
+               quota: torch.Tensor) -> torch.Tensor:
     """[L, B, H, S, S] bool: the ``quota`` (<= k) largest visible weights of every row.
 
     A weight is kept if it reaches the row's k-th largest value; exact ties at that value
     (e.g. weights that underflowed to 0) are broken by the lowest key index.
     """
-    tau = sorted_desc[..., k - 1 : k]  # [L, B, H, S, 1] k-th largest weight of the row
+    tau = kth_largest[..., None]  # [L, B, H, S, 1] the row's k-th largest weight
     keep = (attn >= tau) & visible[None, :, None]
     quota = quota[None, :, None, :].expand(keep.shape[:-1])  # [L, B, H, S]
     excess = keep.sum(-1) > quota
@@ -39,31 +39,33 @@ def top_k_mask(attn: torch.Tensor, sorted_desc: torch.Tensor, visible: torch.Ten
 
 
 def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: AttentionMode,
-                 sorted_desc: torch.Tensor | None = None) -> dict[str, np.ndarray] | None:
+                 kth_largest: torch.Tensor | None = None) -> dict[str, np.ndarray] | None:
     """Columns (batch_index, layer, head, query, key, weight) of the kept weights, or None.
 
     ``attn`` is [L, B, H, S, S] with zeros on padded keys; padded queries and keys and, in
-    causal models, future keys are never kept. ``topk`` needs ``sorted_desc`` (``sort_rows``).
+    causal models, future keys are never kept. ``topk`` needs each row's k-th largest weight
+    (``row_order(attn, k).kth_largest``).
     """
     if mode.kind == "none":
         return None
     visible = visible_pairs(valid, causal)  # [B, S, S]
     if mode.kind == "topk":
-        if sorted_desc is None:
-            raise ValueError("topk needs the rows sorted in descending order (sort_rows)")
+        if kth_largest is None:
+            raise ValueError("topk needs each row's k-th largest weight (row_order)")
         k = min(mode.k, attn.shape[-1])
         quota = torch.minimum(keys_visible(valid, causal), torch.tensor(float(k))).long()
-        keep = top_k_mask(attn, sorted_desc, visible, quota, k)
+        keep = top_k_mask(attn, kth_largest, visible, quota)
     elif mode.kind == "threshold":
         keep = (attn >= mode.threshold) & visible[None, :, None]
     else:
         keep = visible[None, :, None].expand_as(attn)
-    index = keep.nonzero()  # [N, 5]: layer, batch, head, query, key
-    weights = attn[index.unbind(-1)]
+    index = keep.permute(1, 0, 2, 3, 4).nonzero()  # [N, 5]: batch, layer, head, query, key
+    layer_first = index[:, [1, 0, 2, 3, 4]]
+    weights = attn[layer_first.unbind(-1)]
     index = index.cpu().numpy()
-    return {
-        "batch_index": index[:, 1],
-        "layer": index[:, 0].astype(np.uint8),
+    return {  # rows in (batch, layer, head, query, key) order
+        "batch_index": index[:, 0],
+        "layer": index[:, 1].astype(np.uint8),
         "head": index[:, 2].astype(np.uint8),
         "query": index[:, 3].astype(np.uint16),
         "key": index[:, 4].astype(np.uint16),

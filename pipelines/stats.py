@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 #: Column name → definition, written into every manifest.
@@ -54,32 +53,34 @@ def keys_visible(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return n.float() * valid
 
 
-def sort_rows(attn: torch.Tensor) -> torch.Tensor:
-    """[L, B, H, S, S]: every query row's weights sorted in descending order.
+@dataclass
+class RowOrder:
+    """What each query row's weights in sorted order tell; all [L, B, H, S]."""
 
-    On the CPU NumPy's sort (x86-simd-sort, AVX-512/AVX2) is several times faster than
-    ``torch.sort``; on CUDA torch sorts on the device.
+    max_weight: torch.Tensor  # largest weight of the row
+    k90: torch.Tensor  # fewest keys whose largest weights sum to >= K90_MASS (float)
+    kth_largest: torch.Tensor | None  # the k-th largest weight (for top-k), if k was given
+
+
+def row_order(attn: torch.Tensor, k: int | None = None, mass: float = K90_MASS) -> RowOrder:
+    """Sort every query row once (ascending, in one scratch buffer) and read off its order.
+
+    k90 uses ascending cumulative sums c: the k largest weights reach ``mass`` exactly when
+    the other S - k sum to at most total - mass, so k90 = S - #{m : c_m <= total - mass}.
+    On the CPU NumPy's in-place sort (x86-simd-sort) is several times faster than torch.sort.
     """
+    size = attn.shape[-1]
     if attn.device.type == "cpu":
-        ascending = np.sort(attn.numpy(), axis=-1)
-        return torch.from_numpy(np.flip(ascending, axis=-1).copy())
-    return torch.sort(attn, dim=-1, descending=True).values
-
-
-def keys_for_mass(sorted_desc: torch.Tensor, mass: float = K90_MASS,
-                  head: int = 16) -> torch.Tensor:
-    """[L, B, H, S] float: the fewest keys whose largest weights sum to >= ``mass``.
-
-    A cumulative sum over the first ``head`` columns settles most rows; only rows still
-    below ``mass`` after them are summed in full.
-    """
-    first = sorted_desc[..., :head].cumsum(-1)  # [L, B, H, S, head]
-    count = (first < mass).sum(-1)
-    open_rows = first[..., -1] < mass  # [L, B, H, S]
-    if sorted_desc.shape[-1] > head and bool(open_rows.any()):
-        rest = sorted_desc[open_rows].cumsum(-1)  # [R, S]
-        count[open_rows] = (rest < mass).sum(-1)
-    return count.float() + 1
+        scratch = attn.numpy().copy()
+        scratch.sort(axis=-1)
+        ascending = torch.from_numpy(scratch)  # shares the buffer
+    else:
+        ascending = torch.sort(attn, dim=-1).values
+    max_weight = ascending[..., -1].clone()
+    kth = ascending[..., size - min(k, size)].clone() if k else None
+    ascending.cumsum_(-1)
+    droppable = (ascending <= ascending[..., -1:] - mass).sum(-1)
+    return RowOrder(max_weight, (size - droppable).float(), kth)
 
 
 def _diagonal(attn: torch.Tensor, offset: int) -> torch.Tensor:
@@ -118,12 +119,11 @@ def row_entropy(attn: torch.Tensor) -> torch.Tensor:
 
 
 def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
-                    has_sep: bool, sorted_desc: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    has_sep: bool, order: RowOrder | None = None) -> dict[str, torch.Tensor]:
     """Every statistic as a [L, B, H] float32 tensor (``n_tokens`` as [B]).
 
     ``attn`` is [L, B, H, S, S] float32 with zeros on padded keys; padded query rows are
-    ignored whatever they hold. ``sorted_desc`` (from ``sort_rows``) is reused if given.
+    ignored whatever they hold. ``order`` (from ``row_order``) is reused if given.
     """
     size = attn.shape[-1]
     q = flags.valid.float()  # [B, S]: query rows that count
@@ -145,13 +145,13 @@ def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_win
     key_mass = torch.einsum("lbhqk,bkf->lbhqf", attn, key_features)  # [L, B, H, S, 3]
     window, window_special = _band(attn, local_window, flags.is_special.float())
 
-    sorted_desc = sort_rows(attn) if sorted_desc is None else sorted_desc
-    k90_rows = torch.minimum(keys_for_mass(sorted_desc), k_i[None, :, None, :].clamp(min=1))
+    order = order or row_order(attn)
+    k90_rows = torch.minimum(order.k90, k_i[None, :, None, :].clamp(min=1))
 
     stats = {
         "entropy": row_mean(entropy_rows),
         "entropy_norm": entropy_norm,
-        "max_weight": row_mean(sorted_desc[..., 0]),
+        "max_weight": row_mean(order.max_weight),
         "mass_self": row_mean(_diagonal(attn, 0)),
         "mass_prev": row_mean(_diagonal(attn, -1)),
         "mass_next": row_mean(_diagonal(attn, 1)),

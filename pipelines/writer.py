@@ -52,8 +52,9 @@ def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
     os.close(fd)
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
-                   write_statistics=True)
+                   use_dictionary=strings, write_statistics=True)
     os.replace(tmp, path)
 
 

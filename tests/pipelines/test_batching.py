@@ -26,22 +26,24 @@ def assert_partition(batches: list[list[int]], count: int) -> None:
 
 
 def assert_budgets(batches: list[list[int]], lengths: list[int], batch_tokens: int,
-                   cells: int) -> None:
+                   cells: int, heads: int = 1) -> None:
     for batch in batches:
         longest = max(lengths[i] for i in batch)
         if len(batch) > 1:
             assert len(batch) * longest <= batch_tokens, (batch, longest)
-            assert len(batch) * longest**2 <= cells, (batch, longest)
+            assert heads * len(batch) * longest**2 <= cells, (batch, longest)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(("batch_tokens", "cells"), [(512, 2**27), (1024, 2**27),
                                                      (4096, 200_000), (64, 2**27)])
-def test_plan_is_a_partition_within_budgets(seed: int, batch_tokens: int, cells: int) -> None:
+@pytest.mark.parametrize("heads", [1, 72])
+def test_plan_is_a_partition_within_budgets(seed: int, batch_tokens: int, cells: int,
+                                            heads: int) -> None:
     lengths = random_lengths(seed)
-    batches = plan_batches(lengths, batch_tokens, cells)
+    batches = plan_batches(lengths, batch_tokens, heads, max_attention_cells=cells)
     assert_partition(batches, len(lengths))
-    assert_budgets(batches, lengths, batch_tokens, cells)
+    assert_budgets(batches, lengths, batch_tokens, cells, heads)
 
 
 def test_windows_longer_than_the_budget_go_alone() -> None:
@@ -55,9 +57,12 @@ def test_windows_longer_than_the_budget_go_alone() -> None:
 def test_attention_cell_cap_splits_batches() -> None:
     lengths = [100] * 10
     assert len(plan_batches(lengths, batch_tokens=10_000)) == 1
-    batches = plan_batches(lengths, batch_tokens=10_000, max_attention_elems=3 * 100**2)
+    batches = plan_batches(lengths, batch_tokens=10_000, max_attention_cells=3 * 100**2)
     assert_partition(batches, len(lengths))
     assert [len(b) for b in batches] == [3, 3, 3, 1]
+    by_heads = plan_batches(lengths, batch_tokens=10_000, heads=3,
+                            max_attention_cells=3 * 3 * 100**2)
+    assert [len(b) for b in by_heads] == [3, 3, 3, 1]
 
 
 def test_budget_is_used_not_wasted() -> None:

@@ -286,6 +286,18 @@ def full_many(minilm: TorchBackend, tmp_path_factory: pytest.TempPathFactory) ->
     return folder / "ds"
 
 
+@pytest.mark.parametrize("table", schema.TABLES)
+def test_parts_are_sorted_by_their_keys(e2e: Path, full_many: Path, table: str) -> None:
+    """Every part is in (doc_id, window, layer, head, ...) order, as row-group pruning needs."""
+    for root in (e2e, full_many):
+        for part in sorted((root / table).glob("part-*.parquet")):
+            frame = pq.read_table(part).to_pandas()
+            keys = schema.SORT_KEYS[table]
+            assert len(frame) > 0
+            expected = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+            pd.testing.assert_frame_equal(frame.reset_index(drop=True), expected)
+
+
 def test_doc_id_filter_on_attention(full_many: Path) -> None:
     frame = pd.read_parquet(full_many / "attention", filters=[("doc_id", "==", "d005")])
     n = int(read(full_many, "documents").set_index("doc_id").loc["d005", "n_tokens"])

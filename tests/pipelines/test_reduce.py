@@ -14,7 +14,7 @@ from pipelines.backends.torch_backend import TorchBackend
 from pipelines.batching import collate
 from pipelines.config import AttentionMode, WindowConfig
 from pipelines.reduce import kept_weights
-from pipelines.stats import sort_rows
+from pipelines.stats import row_order
 from pipelines.tokenize import Document, Windower
 
 COLUMNS = ("batch_index", "layer", "head", "query", "key", "weight")
@@ -28,7 +28,8 @@ class Forward:
     causal: bool
 
     def kept(self, mode: AttentionMode) -> dict[str, np.ndarray] | None:
-        return kept_weights(self.attn, self.valid, self.causal, mode, sort_rows(self.attn))
+        return kept_weights(self.attn, self.valid, self.causal, mode,
+                            row_order(self.attn, mode.k or None).kth_largest)
 
     def visible_rows(self):
         """((b, layer, head, query), weights of the keys that query may see) of valid rows."""
@@ -162,7 +163,8 @@ def synthetic_ties() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_topk_with_exact_ties_keeps_k_per_row(k: int) -> None:
     attn, valid = synthetic_ties()
-    kept = kept_weights(attn, valid, False, AttentionMode("topk", k=k), sort_rows(attn))
+    kept = kept_weights(attn, valid, False, AttentionMode("topk", k=k),
+                        row_order(attn, k).kth_largest)
     got = group_topk(kept)
     lengths = valid.sum(-1).tolist()
     assert sorted(got) == [(b, 0, 0, q) for b, n in enumerate(lengths) for q in range(n)]

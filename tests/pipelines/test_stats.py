@@ -16,7 +16,7 @@ from pipelines import reference, stages
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.batching import collate
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.stats import STAT_NAMES, KeyFlags, head_statistics, sort_rows
+from pipelines.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
 from pipelines.tokenize import Document, Window, Windower
 
 TOL = 1e-5
@@ -365,11 +365,17 @@ def test_local_window_wider_than_the_batch(w: int) -> None:
 
 
 @pytest.mark.parametrize("size", [1, 2, 7, 40])
-def test_sort_rows_is_a_descending_sort(size: int) -> None:
-    attn = torch.rand(2, 3, 2, size, size, generator=torch.Generator().manual_seed(size))
-    got = sort_rows(attn)
-    torch.testing.assert_close(got, torch.sort(attn, dim=-1, descending=True).values,
-                               atol=0, rtol=0)
+def test_row_order_reads_a_sort(size: int) -> None:
+    """max, k-th largest and k90 from one in-place sort equal a plain NumPy sort of each row."""
+    raw = torch.rand(2, 3, 2, size, size, generator=torch.Generator().manual_seed(size)) ** 4
+    attn = raw / raw.sum(-1, keepdim=True)
+    k = min(3, size)
+    order = row_order(attn, k)
+    descending = -np.sort(-attn.numpy().astype(np.float64), axis=-1)
+    np.testing.assert_array_equal(order.max_weight.numpy(), attn.numpy().max(-1))
+    np.testing.assert_array_equal(order.kth_largest.numpy(), descending[..., k - 1])
+    expected_k90 = (np.cumsum(descending, -1) < 0.9).sum(-1) + 1
+    np.testing.assert_array_equal(order.k90.numpy(), expected_k90)
 
 
 def test_batch_rows_are_independent() -> None:
