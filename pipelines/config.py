@@ -31,7 +31,7 @@ class AttentionMode:
         if name in ("none", "full") and not arg:
             return cls(name)
         if name == "topk":
-            if not arg.isdigit() or int(arg) < 1:
+            if not (arg.isascii() and arg.isdecimal()) or int(arg) < 1:
                 raise ConfigError(
                     f"attention mode {text!r}: topk needs a positive integer, e.g. topk:8"
                 )

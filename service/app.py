@@ -12,6 +12,7 @@ import datetime as dt
 import hmac
 import json
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import STATS_VERSION, __version__, schema, stages
-from pipelines.config import ConfigError, WindowConfig
+from pipelines.config import AttentionMode, ConfigError, WindowConfig
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
@@ -102,6 +104,13 @@ async def authenticate(request: Request, call_next):
     return await call_next(request)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods answer in the same JSON shape as every error."""
+    return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                          headers=getattr(exc, "headers", None))
+
+
 @app.exception_handler(ApiError)
 async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.details, exc.headers)
@@ -118,6 +127,9 @@ async def parse_request(request: Request) -> AttentionRequest:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} "
                             f"column {exc.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply; send a flat JSON object") \
+            from None
     if not isinstance(data, dict):
         raise ApiError(422, "request body must be a JSON object with 'texts' or 'inputs'")
     try:
@@ -128,6 +140,19 @@ async def parse_request(request: Request) -> AttentionRequest:
                    for e in exc.errors(include_url=False, include_input=False)]
         summary = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
         raise ApiError(422, f"invalid request: {summary}", details=details) from None
+
+
+def attention_rows_bound(windows: list[Window], mode: AttentionMode, info: ModelInfo) -> int:
+    """At most how many attention rows ``mode`` keeps for ``windows`` (all layers, heads)."""
+    per_row_cap = {"none": 0, "topk": mode.k, "full": None,
+                   "threshold": int(1 / mode.threshold) if mode.kind == "threshold" else 0}
+    cap = per_row_cap[mode.kind]
+    rows = 0
+    for window in windows:
+        n = window.n_tokens
+        visible = range(1, n + 1) if info.causal else [n] * n  # keys each query may see
+        rows += sum(k if cap is None else min(k, cap) for k in visible)
+    return rows * info.num_layers * info.num_heads
 
 
 def _arrow_response(table: pa.Table, name: str) -> Response:
@@ -147,6 +172,7 @@ class Ingress:
         self.config = config
         self.workers = workers
         self.models: dict[str, ModelState] = {}
+        self.windowers: dict[tuple, Windower] = {}
         self.lock = asyncio.Lock()
         app.state.token = config.auth_token()
         self.store_root = Path(config.dataset_root).resolve()
@@ -206,7 +232,7 @@ class Ingress:
         try:
             results = await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
         except BackPressureError:
-            retry = str(int(self.config.ingress.retry_after_s))
+            retry = str(math.ceil(self.config.ingress.retry_after_s))
             raise ApiError(503, "the model is overloaded; retry shortly",
                            {"Retry-After": retry}) from None
         flat = [w for doc_windows in windows for w in doc_windows]
@@ -221,7 +247,7 @@ class Ingress:
             tables["head_stats"] = schema.HEAD_STATS.empty_table()
         if ARROW_STREAM in request.headers.get("accept", ""):
             return _arrow_response(tables[body.table], body.table)
-        payload = {"model": state.info.name if body.model is None else body.model,
+        payload = {"model": body.model or self.config.default_model,
                    "attention_mode": body.attention,
                    **{name: _records(t) for name, t in tables.items()}}
         return JSONResponse(payload)
@@ -242,21 +268,39 @@ class Ingress:
             raise ApiError(413, f"{chars} characters; at most {limits.max_characters} per "
                                 "request: split the texts over several requests")
 
+    def _windower(self, state: ModelState, config: WindowConfig) -> Windower:
+        """One Windower per model and window setting (building one copies the tokenizer)."""
+        key = (state.info.name, config)
+        if key not in self.windowers:
+            if len(self.windowers) >= 64:
+                self.windowers.clear()
+            self.windowers[key] = Windower(state.tokenizer, state.info, config)
+        return self.windowers[key]
+
     def _windows(self, body: AttentionRequest, state: ModelState) -> list[list[Window]]:
         try:
-            windower = Windower(state.tokenizer, state.info,
-                                WindowConfig(body.max_length, body.stride, body.truncate))
+            windower = self._windower(state, WindowConfig(body.max_length, body.stride,
+                                                          body.truncate))
             request_id = uuid.uuid4().hex[:12]
-            docs = [Document(item.id or f"request-{request_id}:{index}", item.text,
+            items = body.items()
+            width = len(str(len(items) - 1))  # zero-padded, so ids sort in request order
+            docs = [Document(item.id or f"request-{request_id}:{index:0{width}d}", item.text,
                              item.text_pair, source="http", source_line=index)
-                    for index, item in enumerate(body.items())]
+                    for index, item in enumerate(items)]
             windows = [windower.windows(doc) for doc in docs]
         except ConfigError as exc:
             raise ApiError(422, str(exc)) from None
-        tokens = sum(w.n_tokens for doc_windows in windows for w in doc_windows)
-        if tokens > self.config.limits.max_tokens:
-            raise ApiError(413, f"{tokens} tokens; at most {self.config.limits.max_tokens} per "
+        limits = self.config.limits
+        flat = [w for doc_windows in windows for w in doc_windows]
+        tokens = sum(w.n_tokens for w in flat)
+        if tokens > limits.max_tokens:
+            raise ApiError(413, f"{tokens} tokens; at most {limits.max_tokens} per "
                                 "request: split the texts over several requests")
+        rows = attention_rows_bound(flat, AttentionMode.parse(body.attention), state.info)
+        if rows > limits.max_attention_rows:
+            raise ApiError(413, f"attention mode {body.attention} would return up to {rows:,} "
+                                f"rows; at most {limits.max_attention_rows:,} per request: use "
+                                "topk:K or a higher threshold, or fewer or shorter texts")
         return windows
 
     def _store(self, body: AttentionRequest, state: ModelState,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -33,7 +34,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.app import build
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=args.verbose)
+    else:  # a local Ray with a bounded shared-memory object store
+        ray.init(include_dashboard=False, log_to_driver=args.verbose,
+                 object_store_memory=args.object_store_mb * 1024**2)
     serve.start(http_options={"host": http.host, "port": http.port})
     serve.run(build(config.model_dump()), name="headscope", route_prefix="/")
     url = f"http://{http.host}:{http.port}"
@@ -43,11 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
           "-d '{\"texts\": [\"The cat sat on the mat.\"], \"attention\": \"topk:2\"}'\n"
           f"  API docs: {url}/docs    stop: Ctrl-C", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT explicitly: it may be inherited
+        signal.signal(signum, lambda *_: stop.set())  # as ignored (background jobs)
+    with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    except KeyboardInterrupt:
-        pass
     print("stopping headscope...", flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -63,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override http_options.host")
     serve.add_argument("--port", type=int, help="override http_options.port")
     serve.add_argument("--address", default=None, help="an existing Ray cluster to join")
+    serve.add_argument("--object-store-mb", type=int, default=1024,
+                       help="object store size of the local Ray (default 1024 MB)")
     serve.set_defaults(func=_serve)
     return top
 

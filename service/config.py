@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class Strict(BaseModel):
@@ -48,7 +56,7 @@ class ModelConfig(Strict):
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str) -> str:
-        if not _SAFE_NAME.match(value):
+        if not _SAFE_NAME.fullmatch(value):
             raise ValueError("model name: letters, digits, '_', '.', '-' (at most 64)")
         return value
 
@@ -59,6 +67,9 @@ class Limits(Strict):
     max_inputs: PositiveInt = 64
     max_characters: PositiveInt = 200_000  # summed over all texts of a request
     max_tokens: PositiveInt = 32_768  # summed over all windows of a request
+    #: Attention rows a request may produce (over all layers and heads): bounds the response
+    #: of ``full`` and ``threshold`` modes, which grow with the square of the length.
+    max_attention_rows: PositiveInt = 2_000_000
 
 
 class IngressConfig(Strict):
@@ -85,6 +96,17 @@ class ServiceConfig(Strict):
         if not names or len(set(names)) != len(names):
             raise ValueError("models: at least one, with unique names")
         return models
+
+    @model_validator(mode="after")
+    def _queues_fit_a_request(self) -> ServiceConfig:
+        """Every document of the largest request must fit in a worker's queue at once."""
+        for model in self.models:
+            room = model.max_ongoing_requests + model.max_queued_requests
+            if model.max_queued_requests != -1 and room < self.limits.max_inputs:
+                raise ValueError(
+                    f"model {model.name}: max_ongoing_requests + max_queued_requests ({room}) "
+                    f"must be at least limits.max_inputs ({self.limits.max_inputs})")
+        return self
 
     @property
     def default_model(self) -> str:

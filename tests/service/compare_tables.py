@@ -1,0 +1,82 @@
+"""Comparing result tables: keys exactly, statistics within 1e-5, kept weights up to ties.
+
+Shared by the worker and HTTP tests (imported as a plain module, like ``conftest``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines import schema
+from pipelines.config import AttentionMode
+from pipelines.stats import STAT_NAMES
+
+STAT_ATOL = 1e-5
+
+
+def frame(table: pa.Table, name: str) -> pd.DataFrame:
+    keys = schema.SORT_KEYS[name]
+    df = table.to_pandas()
+    df["doc_id"] = df["doc_id"].astype(object)
+    if "weight" in df:
+        df["weight"] = df["weight"].astype(np.float64)
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+def assert_head_stats_equal(got: pa.Table, want: pa.Table, atol: float = STAT_ATOL) -> None:
+    assert got.schema == want.schema == schema.HEAD_STATS
+    left, right = frame(got, "head_stats"), frame(want, "head_stats")
+    keys = ["doc_id", "window", "layer", "head", "n_tokens"]
+    pd.testing.assert_frame_equal(left[keys], right[keys])
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(left[name].to_numpy(float), right[name].to_numpy(float),
+                                   rtol=0, atol=atol, equal_nan=True, err_msg=name)
+
+
+def assert_attention_equal(got: pa.Table, want: pa.Table, atol: float = STAT_ATOL,
+                           threshold: float | None = None) -> None:
+    """Same kept rows with the same weights.
+
+    Batching changes padding, so weights can move by ~1e-7; a (query, key) pair may then only
+    be kept on one side if its weight sits at the edge of what the mode keeps (a top-k tie or
+    the threshold). Rows on one side only are accepted if such a near-tie explains them.
+    """
+    assert got.schema == want.schema
+    keys = schema.SORT_KEYS["attention"]
+    row = keys[:-1]  # one query row of one head
+    left, right = frame(got, "attention"), frame(want, "attention")
+    both = left.merge(right, on=keys, how="outer", suffixes=("_got", "_want"), indicator=True)
+    matched = both[both["_merge"] == "both"]
+    np.testing.assert_allclose(matched["weight_got"], matched["weight_want"], rtol=0, atol=atol)
+    weakest = {"got": left.groupby(row)["weight"].min(),
+               "want": right.groupby(row)["weight"].min()}
+    for only, column, other in (("left_only", "weight_got", "want"),
+                                ("right_only", "weight_want", "got")):
+        # A row kept on one side only must be a near-tie with the other side's weakest kept
+        # weight of the same query row (or, in threshold mode, with the threshold).
+        for _, item in both[both["_merge"] == only].iterrows():
+            edge = weakest[other].get(tuple(item[k] for k in row), np.nan)
+            near_edge = abs(item[column] - edge) <= atol
+            near_threshold = threshold is not None and abs(item[column] - threshold) <= atol
+            assert near_edge or near_threshold, (only, item.to_dict())
+    assert len(both) - len(matched) <= max(2, len(matched) // 1000), "too many differing rows"
+
+
+def assert_same_tables(got: dict[str, pa.Table], want: dict[str, pa.Table],
+                       mode: str = "topk:8") -> None:
+    """Every table of ``want`` equals the one in ``got``.
+
+    documents and tokens exactly; head_stats within 1e-5; attention per
+    ``assert_attention_equal`` (within 1e-3 in full mode, whose weights are float16).
+    """
+    parsed = AttentionMode.parse(mode)
+    for name in ("documents", "tokens"):
+        if name in want:
+            assert got[name].schema == want[name].schema, name
+            assert frame(got[name], name).equals(frame(want[name], name)), name
+    assert_head_stats_equal(got["head_stats"], want["head_stats"])
+    assert_attention_equal(got["attention"], want["attention"],
+                           atol=1e-3 if parsed.kind == "full" else STAT_ATOL,
+                           threshold=parsed.threshold if parsed.kind == "threshold" else None)

@@ -1,0 +1,595 @@
+"""The HTTP service on a real local Ray Serve, over real HTTP.
+
+One Ray and one Serve instance for the whole module, with three applications built by
+``service.app.build``:
+
+- ``open`` at ``/``: no auth, the engine comparisons, errors, batching and ``store``;
+- ``secure`` at ``/secure``: a bearer token from ``auth_token_file``, and a public model name
+  ("mini") that differs from the model it loads ("minilm");
+- ``overload`` at ``/overload``: tiny queues on the ingress and on the model worker.
+
+Every application writes its datasets under its own temporary ``dataset_root``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import requests
+from compare_tables import assert_attention_equal, assert_same_tables
+from conftest import SAMPLE_TEXTS
+
+from pipelines import schema, stages
+from pipelines.backends.torch_backend import TorchBackend
+from pipelines.config import AttentionMode, RunConfig, WindowConfig
+from pipelines.reader import Dataset
+from pipelines.tokenize import Document, Windower
+from service.schemas import ARROW_STREAM
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "s3cret-test-token"
+#: An environment variable nobody sets, so only ``auth_token_file`` can switch auth on.
+UNSET_TOKEN_ENV = "HEADSCOPE_TEST_TOKEN_THAT_IS_NEVER_SET"
+PREFIXES = {"open": "", "secure": "/secure", "overload": "/overload"}
+SECURE_MODEL = "mini"
+LIMITS = {"max_inputs": 8, "max_characters": 5000, "max_tokens": 2000}
+WORKER = {"max_batch_size": 16, "batch_wait_timeout_s": 0.1, "num_cpus": 0.5}
+RETRY_AFTER_S = 1.5
+START_TIMEOUT_S = 180
+SCHEMAS = {"documents": schema.DOCUMENTS, "tokens": schema.TOKENS,
+           "head_stats": schema.HEAD_STATS, "attention": schema.attention_schema(False)}
+LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2  # several windows at max_length 48
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    url: str
+    base: Path  # holds every dataset_root and the token file
+    roots: dict[str, Path]
+
+    def address(self, app: str, path: str) -> str:
+        return f"{self.url}{PREFIXES[app]}{path}"
+
+    def post(self, payload: object = None, app: str = "open", data: bytes | None = None,
+             headers: dict | None = None, token: str | None = None) -> requests.Response:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if data is not None:
+            return requests.post(self.address(app, "/v1/attention"), data=data,
+                                 headers={"Content-Type": "application/json", **headers},
+                                 timeout=120)
+        return requests.post(self.address(app, "/v1/attention"), json=payload,
+                             headers=headers, timeout=120)
+
+    def get(self, path: str, app: str = "open", token: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return requests.get(self.address(app, path), headers=headers, timeout=60)
+
+    def wait_ready(self, app: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if self.get("/readyz", app).status_code == 200:
+                    return
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{app} not ready after {START_TIMEOUT_S} s")
+            time.sleep(0.3)
+
+
+def app_configs(base: Path, token_file: Path) -> dict[str, dict]:
+    common = {"auth_token_env": UNSET_TOKEN_ENV, "limits": LIMITS}
+    return {
+        "open": {**common, "dataset_root": str(base / "data-open"),
+                 "models": [{"name": "minilm", **WORKER}]},
+        "secure": {**common, "dataset_root": str(base / "data-secure"),
+                   "auth_token_file": str(token_file),
+                   "models": [{"name": SECURE_MODEL, "model": "minilm", **WORKER}]},
+        "overload": {**common, "dataset_root": str(base / "data-overload"),
+                     "limits": {**LIMITS, "max_inputs": 2},  # fits the tiny worker queue
+                     "models": [{"name": "minilm", "max_batch_size": 1, "num_cpus": 0.25,
+                                 "batch_wait_timeout_s": 0, "max_ongoing_requests": 1,
+                                 "max_queued_requests": 1}],
+                     "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 2,
+                                 "max_queued_requests": 2, "retry_after_s": RETRY_AFTER_S}},
+    }
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop(UNSET_TOKEN_ENV, None)
+    import ray
+    from ray import serve
+
+    from service.app import build
+
+    base = tmp_path_factory.mktemp("service")
+    token_file = base / "token"
+    token_file.write_text(f"{TOKEN}\n")
+    configs = app_configs(base, token_file)
+    # address="local": always a new cluster of our own, never someone else's.
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20,
+             include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # All three deploy at once (serve.run would deploy them one after another).
+        serve.run_many([serve.RunTarget(build(configs[name]), name=name,
+                                        route_prefix=PREFIXES[name] or "/")
+                        for name in PREFIXES])
+        roots = {name: Path(config["dataset_root"]) for name, config in configs.items()}
+        found = Service(f"http://127.0.0.1:{port}", base, roots)
+        for name in PREFIXES:
+            found.wait_ready(name)
+        yield found
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def local_tables(backend: TorchBackend, docs: list[Document], mode: str = "topk:8",
+                 local_window: int = 2, windows: WindowConfig | None = None) -> dict:
+    """What the engine gives for ``docs``, in the service's sort order."""
+    windower = Windower(backend.tokenizer, backend.info, windows or WindowConfig())
+    flat = [w for doc in docs for w in windower.windows(doc)]
+    config = RunConfig(attention=AttentionMode.parse(mode), local_window=local_window)
+    return stages.sort_tables(stages.analyse_windows(backend, flat, config))
+
+
+def json_tables(body: dict) -> dict[str, pa.Table]:
+    """The JSON response's tables as Arrow tables with the dataset schemas."""
+    return {name: pa.Table.from_pylist(body[name], schema=SCHEMAS[name]) for name in SCHEMAS}
+
+
+def http_docs(body: dict, items: list[dict]) -> list[Document]:
+    """The documents the service made of ``items``, under the doc_ids it chose."""
+    ids = {row["source_line"]: row["doc_id"] for row in body["documents"]}
+    return [Document(ids[i], item["text"], item.get("text_pair"), source="http", source_line=i)
+            for i, item in enumerate(items)]
+
+
+def arrow(service: Service, payload: dict, table: str, app: str = "open",
+          token: str | None = None) -> pa.Table:
+    response = service.post({**payload, "table": table}, app=app, token=token,
+                            headers={"Accept": ARROW_STREAM})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(ARROW_STREAM)
+    assert response.headers["x-headscope-table"] == table
+    return pa.ipc.open_stream(response.content).read_all()
+
+
+def ok(response: requests.Response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def concurrently(count: int, call) -> list:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+# --------------------------------------------------------------------- engine equality
+
+
+def test_texts_equal_the_engine(service: Service, minilm: TorchBackend) -> None:
+    """Several texts, one of them cut into windows, against the engine on each document."""
+    texts = [*SAMPLE_TEXTS, LONG_TEXT]
+    options = {"attention": "topk:4", "max_length": 48, "stride": 8, "local_window": 3}
+    body = ok(service.post({"texts": texts, **options}))
+    assert body["model"] == "minilm" and body["attention_mode"] == "topk:4"
+    assert set(body) == {"model", "attention_mode", *SCHEMAS}
+    docs = http_docs(body, [{"text": t} for t in texts])
+    prefixes = {doc.doc_id.rsplit(":", 1)[0] for doc in docs}
+    assert len(prefixes) == 1 and prefixes.pop().startswith("request-")
+    assert [doc.doc_id.rsplit(":", 1)[1] for doc in docs] == [str(i) for i in range(len(texts))]
+    want = local_tables(minilm, docs, "topk:4", local_window=3,
+                        windows=WindowConfig(max_length=48, stride=8))
+    assert max(row["n_windows"] for row in body["documents"]) > 2
+    assert_same_tables(json_tables(body), want, "topk:4")
+
+
+def test_inputs_with_ids_and_a_text_pair_equal_the_engine(service: Service,
+                                                          minilm: TorchBackend) -> None:
+    items = [{"id": "first", "text": SAMPLE_TEXTS[0]},
+             {"id": "qa", "text": SAMPLE_TEXTS[1], "text_pair": SAMPLE_TEXTS[3]},
+             {"text": SAMPLE_TEXTS[2]}]
+    body = ok(service.post({"inputs": items}))
+    docs = http_docs(body, items)
+    assert [doc.doc_id for doc in docs[:2]] == ["first", "qa"]
+    assert docs[2].doc_id.startswith("request-") and docs[2].doc_id.endswith(":2")
+    pair_tokens = [t for t in body["tokens"] if t["doc_id"] == "qa"]
+    assert {t["segment"] for t in pair_tokens} == {0, 1}
+    assert_same_tables(json_tables(body), local_tables(minilm, docs), "topk:8")
+
+
+@pytest.mark.parametrize("table", list(SCHEMAS))
+def test_arrow_tables_have_the_dataset_schema_and_the_json_values(service: Service,
+                                                                   table: str) -> None:
+    payload = {"inputs": [{"id": "a", "text": SAMPLE_TEXTS[0]},
+                          {"id": "b", "text": SAMPLE_TEXTS[3]}], "attention": "topk:3"}
+    got = arrow(service, payload, table)
+    assert got.schema == SCHEMAS[table]
+    assert got.num_rows > 0
+    from_json = json_tables(ok(service.post(payload)))
+    if table in ("head_stats", "attention"):
+        assert_same_tables({**from_json, table: got}, from_json, "topk:3")
+    else:
+        assert got.equals(from_json[table])
+
+
+def test_arrow_full_mode_keeps_float16_weights(service: Service) -> None:
+    payload = {"inputs": [{"id": "a", "text": SAMPLE_TEXTS[2]}], "attention": "full"}
+    got = arrow(service, payload, "attention")
+    assert got.schema == schema.attention_schema(True)
+    body = ok(service.post(payload))
+    n = len(body["tokens"])
+    assert got.num_rows == 6 * 12 * n * n  # every (query, key) of every head
+    from_json = pa.Table.from_pylist(body["attention"], schema=schema.attention_schema(False))
+    assert_attention_equal(got.cast(schema.attention_schema(False)), from_json, atol=1e-3)
+
+
+def test_arrow_documents_and_default_table(service: Service) -> None:
+    """Without ``table``, Arrow sends head_stats."""
+    payload = {"inputs": [{"id": "only", "text": SAMPLE_TEXTS[1]}]}
+    response = service.post(payload, headers={"Accept": ARROW_STREAM})
+    assert response.status_code == 200
+    assert response.headers["x-headscope-table"] == "head_stats"
+    stats = pa.ipc.open_stream(response.content).read_all()
+    assert stats.schema == schema.HEAD_STATS and stats.num_rows == 6 * 12
+
+
+# ------------------------------------------------------------------------ request options
+
+
+def test_layers_and_heads_filter(service: Service, minilm: TorchBackend) -> None:
+    items = [{"id": "x", "text": SAMPLE_TEXTS[3]}]
+    layers, heads = [0, 5], [1, 3, 11]
+    body = ok(service.post({"inputs": items, "layers": layers, "heads": heads}))
+    stats = pd.DataFrame(body["head_stats"])
+    assert sorted(set(zip(stats["layer"], stats["head"], strict=True))) == \
+        [(layer, head) for layer in layers for head in heads]
+    attention = pd.DataFrame(body["attention"])
+    assert set(attention["layer"]) == set(layers) and set(attention["head"]) == set(heads)
+    want = local_tables(minilm, http_docs(body, items))
+    for name in ("head_stats", "attention"):
+        keep = pc.and_(pc.is_in(want[name]["layer"], pa.array(layers, pa.uint8())),
+                       pc.is_in(want[name]["head"], pa.array(heads, pa.uint8())))
+        want[name] = want[name].filter(keep)
+    assert_same_tables(json_tables(body), want)
+    # Documents and tokens are not filtered.
+    assert len(body["tokens"]) == len(want["tokens"])
+
+
+def test_statistics_false(service: Service) -> None:
+    payload = {"inputs": [{"id": "x", "text": SAMPLE_TEXTS[0]}], "statistics": False,
+               "attention": "topk:2"}
+    body = ok(service.post(payload))
+    assert body["head_stats"] == []
+    assert len(body["attention"]) > 0 and len(body["tokens"]) > 0
+    empty = arrow(service, payload, "head_stats")
+    assert empty.schema == schema.HEAD_STATS and empty.num_rows == 0
+
+
+def test_attention_none(service: Service) -> None:
+    body = ok(service.post({"texts": [SAMPLE_TEXTS[0]], "attention": "none"}))
+    assert body["attention"] == [] and len(body["head_stats"]) == 6 * 12
+    assert body["attention_mode"] == "none"
+
+
+def test_models_and_health(service: Service) -> None:
+    assert ok(service.get("/healthz")) == {"status": "ok"}
+    assert ok(service.get("/readyz")) == {"status": "ready", "models": ["minilm"]}
+    [model] = ok(service.get("/v1/models"))
+    assert model["name"] == "minilm" and model["model"] == "minilm"
+    assert (model["num_layers"], model["num_heads"], model["max_length"]) == (6, 12, 512)
+    assert model["runtime"]["device"] == "cpu"
+    assert ok(service.get("/openapi.json"))["info"]["title"] == "headscope"
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def test_concurrent_requests_share_batches(service: Service, minilm: TorchBackend) -> None:
+    from ray import serve
+
+    worker = serve.get_deployment_handle("model-minilm", app_name="open")
+    before = len(worker.batch_size_log.remote().result())
+    texts = [f"Request {i}: {SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]}" for i in range(24)]
+
+    def one(i: int) -> dict:
+        return ok(service.post({"inputs": [{"id": f"r{i}", "text": texts[i]}]}))
+
+    bodies = concurrently(len(texts), one)
+    sizes = worker.batch_size_log.remote().result()[before:]
+    assert sum(sizes) == len(texts), sizes
+    assert max(sizes) > 1, f"no batch held more than one document: {sizes}"
+    assert max(sizes) <= WORKER["max_batch_size"]
+    # Each request got its own document's rows, whatever it was batched with.
+    docs = [Document(f"r{i}", text, source="http") for i, text in enumerate(texts)]
+    want = local_tables(minilm, docs)
+    for i, body in enumerate(bodies):
+        assert [row["text"] for row in body["documents"]] == [texts[i]]
+        mine = {name: table.filter(pc.equal(table["doc_id"], f"r{i}"))
+                for name, table in want.items()}
+        assert_same_tables(json_tables(body), mine)
+
+
+# -------------------------------------------------------------------------------- errors
+
+ERRORS = {
+    # 413: over a limit of the request
+    "too-many-inputs": ({"texts": ["x"] * 9}, 413, "at most 8"),
+    "too-many-characters": ({"texts": ["a" * 2600, "b" * 2600]}, 413, "at most 5000"),
+    "too-many-tokens": ({"texts": ["a " * 2400]}, 413, "at most 2000"),
+    "too-many-tokens-windows": ({"texts": ["a " * 900], "max_length": 8, "stride": 4}, 413,
+                                "split the texts"),
+    # 422: fields that are invalid
+    "empty-texts": ({"texts": []}, 422, "at least one"),
+    "empty-inputs": ({"inputs": []}, 422, "at least one"),
+    "blank-text": ({"texts": ["fine", "   "]}, 422, "empty"),
+    "blank-input": ({"inputs": [{"text": " \n"}]}, 422, "blank"),
+    "both-sources": ({"texts": ["a"], "inputs": [{"text": "b"}]}, 422, "either"),
+    "no-source": ({"attention": "none"}, 422, "either"),
+    "unknown-mode": ({"texts": ["a"], "attention": "top5"}, 422, "none, topk:K"),
+    "bad-topk": ({"texts": ["a"], "attention": "topk:0"}, 422, "positive integer"),
+    "bad-threshold": ({"texts": ["a"], "attention": "threshold:2"}, 422, "(0, 1]"),
+    "layer-range": ({"texts": ["a"], "layers": [6]}, 422, "0..5"),
+    "negative-layer": ({"texts": ["a"], "layers": [-1]}, 422, "out of range"),
+    "head-range": ({"texts": ["a"], "heads": [0, 12]}, 422, "0..11"),
+    "duplicate-ids": ({"inputs": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}, 422,
+                      "unique"),
+    "texts-not-a-list": ({"texts": "just one string"}, 422, "texts"),
+    "text-not-a-string": ({"texts": [1, 2]}, 422, "texts.0"),
+    "layers-not-ints": ({"texts": ["a"], "layers": ["first"]}, 422, "layers.0"),
+    "statistics-not-bool": ({"texts": ["a"], "statistics": "maybe"}, 422, "statistics"),
+    "store-not-bool": ({"texts": ["a"], "store": "please"}, 422, "store"),
+    "unknown-field": ({"texts": ["a"], "colour": "red"}, 422, "colour"),
+    "unknown-input-field": ({"inputs": [{"text": "a", "label": 1}]}, 422, "label"),
+    "bad-table": ({"texts": ["a"], "table": "everything"}, 422, "table"),
+    "max-length-too-big": ({"texts": ["a"], "max_length": 4096}, 422, "512"),
+    "max-length-too-small": ({"texts": ["a"], "max_length": 1}, 422, "max_length"),
+    "stride-too-big": ({"texts": ["a"], "max_length": 16, "stride": 20}, 422, "stride"),
+    "negative-stride": ({"texts": ["a"], "stride": -1}, 422, "stride"),
+    "local-window": ({"texts": ["a"], "local_window": 1000}, 422, "local_window"),
+    "pair-too-long": ({"inputs": [{"text": "a", "text_pair": "word " * 40}],
+                       "max_length": 16, "stride": 0}, 422, "text_pair"),
+    "empty-id": ({"inputs": [{"id": "", "text": "a"}]}, 422, "id"),
+    "body-is-a-list": (["not", "an", "object"], 422, "JSON object"),
+    "body-is-null": (None, 422, "JSON object"),
+    # 404: a model this service does not have
+    "unknown-model": ({"texts": ["a"], "model": "bert-huge"}, 404, "available: minilm"),
+    "path-as-model": ({"texts": ["a"], "model": "../minilm"}, 404, "GET /v1/models"),
+    # 400: the bytes are not JSON
+    "invalid-json": (b'{"texts": ["a"', 400, "not valid JSON"),
+    "empty-body": (b"", 400, "not valid JSON"),
+    "not-utf8": (b'{"texts": ["caf\xe9"]}', 400, "UTF-8"),
+    "utf16": ('{"texts": ["a"]}'.encode("utf-16"), 400, "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_say_what_to_fix(service: Service, case: str) -> None:
+    payload, status, fragment = ERRORS[case]
+    if isinstance(payload, bytes):
+        response = service.post(data=payload)
+    elif payload is None:
+        response = service.post(data=b"null")
+    else:
+        response = service.post(payload)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert fragment.lower() in body["error"].lower(), body["error"]
+
+
+def test_invalid_fields_are_listed_one_by_one(service: Service) -> None:
+    response = service.post({"texts": [1], "layers": "x", "colour": 1})
+    assert response.status_code == 422
+    fields = {d["field"] for d in response.json()["details"]}
+    assert {"texts.0", "layers", "colour"} <= fields
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(service: Service) -> None:
+    """BUG: json.loads raises RecursionError (not JSONDecodeError) → unhandled → 500."""
+    response = service.post(data=b"[" * 100_000)
+    assert response.status_code == 400, (response.status_code, response.text[:200])
+    assert "error" in response.json()
+
+
+def test_errors_leave_the_service_working(service: Service) -> None:
+    for payload, _, _ in list(ERRORS.values())[:6]:
+        if isinstance(payload, dict):
+            service.post(payload)
+    assert ok(service.post({"texts": ["Still here."]}))["documents"][0]["text"] == "Still here."
+
+
+# ---------------------------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize(("method", "path"), [("post", "/v1/attention"),
+                                              ("get", "/v1/models"), ("get", "/docs"),
+                                              ("get", "/openapi.json")])
+@pytest.mark.parametrize("token", [None, "wrong", f"{TOKEN}x", ""])
+def test_auth_rejects_missing_or_wrong_tokens(service: Service, method: str, path: str,
+                                              token: str | None) -> None:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    url = service.address("secure", path)
+    if method == "post":
+        response = requests.post(url, json={"texts": ["a"]}, headers=headers, timeout=60)
+    else:
+        response = requests.get(url, headers=headers, timeout=60)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in response.json()["error"]
+
+
+def test_auth_rejects_other_schemes(service: Service) -> None:
+    for header in (TOKEN, f"Basic {TOKEN}", f"Token {TOKEN}", f"Bearer  {TOKEN}x"):
+        response = requests.get(service.address("secure", "/v1/models"),
+                                headers={"Authorization": header}, timeout=60)
+        assert response.status_code == 401, header
+
+
+def test_auth_accepts_the_right_token(service: Service) -> None:
+    [model] = ok(service.get("/v1/models", "secure", token=TOKEN))
+    assert model["name"] == SECURE_MODEL and model["model"] == "minilm"
+    assert service.get("/docs", "secure", token=TOKEN).status_code == 200
+    assert service.get("/openapi.json", "secure", token=TOKEN).status_code == 200
+    body = ok(service.post({"texts": ["Tokens open doors."]}, app="secure", token=TOKEN))
+    assert body["documents"][0]["text"] == "Tokens open doors."
+    lower = requests.get(service.address("secure", "/v1/models"),
+                         headers={"Authorization": f"bearer {TOKEN}"}, timeout=60)
+    assert lower.status_code == 200
+
+
+def test_health_checks_need_no_token(service: Service) -> None:
+    assert ok(service.get("/healthz", "secure")) == {"status": "ok"}
+    assert ok(service.get("/readyz", "secure"))["models"] == [SECURE_MODEL]
+
+
+def test_errors_behind_auth_are_still_errors(service: Service) -> None:
+    response = service.post({"texts": []}, app="secure", token=TOKEN)
+    assert response.status_code == 422
+    response = service.post({"texts": ["a"], "model": "minilm"}, app="secure", token=TOKEN)
+    assert response.status_code == 404 and SECURE_MODEL in response.json()["error"]
+
+
+def test_open_app_needs_no_token(service: Service) -> None:
+    assert service.get("/v1/models").status_code == 200
+    assert service.get("/docs").status_code == 200
+
+
+def test_response_names_the_public_model(service: Service) -> None:
+    """BUG: without ``model`` the response says "minilm" (the loaded model, ModelInfo.name)
+    instead of the configured public name "mini" it says when ``model`` is given."""
+    named = ok(service.post({"texts": ["a b"], "model": SECURE_MODEL}, "secure", token=TOKEN))
+    default = ok(service.post({"texts": ["a b"]}, "secure", token=TOKEN))
+    assert named["model"] == SECURE_MODEL
+    assert default["model"] == SECURE_MODEL
+
+
+# --------------------------------------------------------------------------------- store
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def repo_outputs() -> set[str]:
+    """Untracked dataset files in the repository (other untracked files may come and go)."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return {line for line in listed.splitlines()
+            if line.endswith((".parquet", "manifest.json")) or "service_data" in line}
+
+
+def test_store_appends_parts_under_dataset_root(service: Service) -> None:
+    root = service.roots["open"] / "minilm"
+    outside_before = files_under(service.base) - files_under(service.roots["open"])
+    repo_before = repo_outputs()
+    first = ok(service.post({"inputs": [{"id": "s1", "text": SAMPLE_TEXTS[0]},
+                                        {"id": "s2", "text": SAMPLE_TEXTS[1]}],
+                             "store": True, "attention": "topk:2"}))
+    assert (root / "manifest.json").is_file()
+    manifest = Dataset.open(root).manifest
+    assert manifest["status"] == "open" and manifest["input"] == {"source": "http"}
+    assert manifest["model"]["num_layers"] == 6 and manifest["runtime"]["device"] == "cpu"
+    for name in SCHEMAS:
+        stored = pa.Table.from_pandas(pd.read_parquet(root / name), preserve_index=False)
+        assert stored.cast(SCHEMAS[name]).equals(json_tables(first)[name]), name
+    second = ok(service.post({"inputs": [{"id": "s3", "text": SAMPLE_TEXTS[3]}],
+                              "store": True, "attention": "topk:2"}))
+    for name in SCHEMAS:
+        assert len(list((root / name).glob("part-*.parquet"))) == 2, name
+        stored = pd.read_parquet(root / name)
+        assert len(stored) == len(first[name]) + len(second[name]), name
+    stats = Dataset.open(root).head_stats(layer=0)
+    assert sorted(stats.doc_id.unique()) == ["s1", "s2", "s3"]
+    # A request without store writes nothing.
+    ok(service.post({"texts": ["Not stored."]}))
+    assert len(list((root / "head_stats").glob("part-*.parquet"))) == 2
+    # Nothing outside dataset_root: not next to it, not in the repo, not in the cwd.
+    assert files_under(service.base) - files_under(service.roots["open"]) == outside_before
+    assert repo_outputs() == repo_before
+    assert not (Path.cwd() / "service_data").exists()
+
+
+def test_store_folder_is_the_public_model_name(service: Service) -> None:
+    ok(service.post({"texts": ["Stored under mini."], "store": True}, "secure", token=TOKEN))
+    assert (service.roots["secure"] / SECURE_MODEL / "manifest.json").is_file()
+    assert [p.name for p in service.roots["secure"].iterdir()] == [SECURE_MODEL]
+
+
+# ------------------------------------------------------------------------------ overload
+
+
+def test_a_burst_gets_503_with_retry_after_and_never_500(service: Service) -> None:
+    """The overload ingress takes 2 requests at a time and queues 2: the rest get 503."""
+
+    def one(i: int) -> requests.Response:
+        return service.post({"texts": [f"Burst request number {i}."]}, app="overload")
+
+    responses = concurrently(32, one)
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] > 0 and statuses[200] > 0, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert int(response.headers["retry-after"]) >= 1
+    # And afterwards it serves again.
+    assert ok(service.post({"texts": ["After the burst."]}, app="overload"))
+
+
+def worker_backpressure(service: Service) -> requests.Response:
+    """Concurrent two-document requests against the overload worker (1 running, 1 queued):
+    some get the ingress's own JSON 503. Retried in case the worker kept up."""
+    def post(i: int) -> requests.Response:
+        return service.post({"texts": [f"Document {i}.", f"Another {i}."]}, app="overload")
+
+    for _ in range(5):
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        assert all(r.status_code in (200, 503) for r in responses), [r.text for r in responses]
+        ours = [r for r in responses if r.status_code == 503
+                and r.headers.get("content-type", "").startswith("application/json")]
+        if ours:
+            return ours[0]
+    pytest.fail("concurrent documents never overloaded a worker with room for 2")
+
+
+def test_worker_backpressure_is_a_json_503(service: Service) -> None:
+    response = worker_backpressure(service)
+    assert "retry" in response.json()["error"]
+    assert "retry-after" in response.headers
+
+
+def test_retry_after_is_rounded_up(service: Service) -> None:
+    """BUG: the ingress sends Retry-After int(1.5) = "1" where Serve's own 503 sends "2"
+    (RFC 9110 delay-seconds rounded up, so a client never retries too early)."""
+    response = worker_backpressure(service)
+    assert response.headers["retry-after"] == "2"
