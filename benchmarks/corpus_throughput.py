@@ -177,9 +177,10 @@ def shard_groups(corpus: Corpus, windower: Windower, config: RunConfig) -> list[
 def planned_shapes(corpus: Corpus, windower: Windower, config: RunConfig) -> Counter:
     """Batch shapes (windows, length) from ``plan_batches``, shard by shard like the job."""
     shapes: Counter = Counter()
+    heads = windower.info.num_layers * windower.info.num_heads
     for windows in shard_groups(corpus, windower, config):
         lengths = [w.n_tokens for w in windows]
-        for indices in plan_batches(lengths, config.batch_tokens):
+        for indices in plan_batches(lengths, config.batch_tokens, heads):
             shapes[(len(indices), max(lengths[i] for i in indices))] += 1
     return shapes
 
