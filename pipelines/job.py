@@ -18,7 +18,7 @@ from pipelines.backends import Backend, create_backend
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import Columns, InputError, InputSummary, expand, read_documents, validate
 from pipelines.models import ModelInfo
-from pipelines.runtime import keep_freed_memory
+from pipelines.runtime import keep_freed_memory, release_freed_memory
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
 from pipelines.writer import DatasetWriter
@@ -170,6 +170,8 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
                 backend, windows, config,
                 on_batch=lambda done: bar.update(sum(w.n_tokens for w in done)))
             writer.write_shard(shard, tables)  # already in sort order
+            del tables
+            release_freed_memory()
         n_docs, n_windows, n_tokens = n_docs + len(docs), n_windows + len(windows), \
             n_tokens + shard_tokens
         bar.set_postfix(docs=f"{n_docs}/{summary.documents}", shard=shard)

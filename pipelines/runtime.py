@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 
@@ -26,3 +27,9 @@ def keep_freed_memory() -> bool:
     done = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
     log.debug("glibc keeps freed memory for reuse: %s", done)
     return done
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (between shards, so reuse stays within one)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
