@@ -41,7 +41,7 @@ from pipelines.backends import Backend, create_backend
 from pipelines.batching import Batch, collate, plan_batches
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.demo import paragraphs
-from pipelines.job import run_job
+from pipelines.job import run_job, shards
 from pipelines.reference import all_heads
 from pipelines.tokenize import Document, Window, Windower
 
@@ -165,13 +165,8 @@ def batch_shapes(batches: list[Batch]) -> Counter:
 
 def shard_groups(corpus: Corpus, windower: Windower, config: RunConfig) -> list[list[Window]]:
     """The windows of each shard, grouped as the job groups documents."""
-    try:
-        from pipelines.job import shards
-
-        docs = (Document(r["id"], r["text"]) for r in corpus.rows)
-        return [ws for _, _, ws in shards(docs, windower, config.shard_tokens)]
-    except (ImportError, TypeError):
-        return [corpus.flat_windows]
+    docs = (Document(r["id"], r["text"]) for r in corpus.rows)
+    return [ws for _, _, ws in shards(docs, windower, config.shard_tokens)]
 
 
 def planned_shapes(corpus: Corpus, windower: Windower, config: RunConfig) -> Counter:
@@ -449,17 +444,17 @@ def bytes_per_token(backend: Backend, subset: Corpus, corpus: Corpus, config: Ru
 
 BUCKETS = {  # label → function names (module stem.function) whose cumulative time is shown
     "input validation (read, hash, check ids)": ["inputs.validate"],
-    "size survey (tokenises every document first)": ["job.survey", "job.estimate"],
+    "size survey (tokenises every document first)": ["job.survey"],
     "tokenisation (Windower.windows, all calls)": ["tokenize.windows"],
     "forward with attentions": ["torch_backend.attentions"],
-    "sort_rows": ["stats.sort_rows"],
-    "head_statistics (incl. sort if not shared)": ["stats.head_statistics"],
+    "row_order (one sort: max, k90, top-k)": ["stats.row_order"],
+    "head_statistics (without the shared sort)": ["stats.head_statistics"],
     "kept_weights (attention reduction)": ["reduce.kept_weights"],
     "Arrow tables (stats/attention/documents/tokens)": [
         "stages._stats_table", "stages._attention_table", "stages.documents_table",
         "stages.tokens_table"],
     "collate (padding)": ["batching.collate"],
-    "sort_tables": ["stages.sort_tables"],
+    "output row order (sort_tables, _by_rank)": ["stages.sort_tables", "stages._by_rank"],
     "Parquet shards (write_shard)": ["writer.write_shard"],
     "finish (head_summary, manifest)": ["writer.finish"],
 }

@@ -143,21 +143,24 @@ def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedMo
     )
 
 
-def load_tokenizer(name: str, allow_download: bool = False) -> PreTrainedTokenizerBase:
-    """Only the tokenizer of a model (no weights), e.g. for a front end that splits text."""
+def _source(name: str, allow_download: bool) -> tuple[str, dict]:
+    """Where to load ``name`` from (a checked folder or a hub id) and the loading options."""
     source, local = resolve(name, allow_download)
     if local:
         _check_folder(Path(source))
-    return AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
+    return source, {"local_files_only": local, "trust_remote_code": False}
+
+
+def load_tokenizer(name: str, allow_download: bool = False) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model (no weights), e.g. for a front end that splits text."""
+    source, common = _source(name, allow_download)
+    return AutoTokenizer.from_pretrained(source, **common)
 
 
 def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
          allow_download: bool = False) -> LoadedModel:
     """Load tokenizer and model with eager attention, in eval mode, on ``device``."""
-    source, local = resolve(name, allow_download)
-    if local:
-        _check_folder(Path(source))
-    common = {"local_files_only": local, "trust_remote_code": False}
+    source, common = _source(name, allow_download)
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (ValueError, KeyError, OSError) as exc:

@@ -8,6 +8,7 @@ batched, and assembles tables with the same names and schema as a corpus job's P
 
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hmac
 import json
@@ -61,11 +62,11 @@ def error_response(status: int, message: str, details: list | None = None,
 
 @dataclass
 class ModelState:
-    """What the ingress keeps per model: its worker handle, description and tokenizer."""
+    """What the ingress keeps per model: its worker handle, what the worker runs, tokenizer."""
 
     handle: DeploymentHandle
-    description: dict
     info: ModelInfo
+    runtime: dict
     tokenizer: object
 
 
@@ -189,8 +190,7 @@ class Ingress:
                 runtime = description.pop("runtime")
                 info = ModelInfo(**description)
                 tokenizer = await asyncio.to_thread(load_tokenizer, info.path)
-                self.models[name] = ModelState(handle, {**description, "runtime": runtime},
-                                               info, tokenizer)
+                self.models[name] = ModelState(handle, info, runtime, tokenizer)
         return self.models[name]
 
     @app.get("/healthz")
@@ -216,7 +216,7 @@ class Ingress:
                 name=name, model=self.config.model(name).model, family=info.family,
                 model_type=info.model_type, num_layers=info.num_layers,
                 num_heads=info.num_heads, max_length=info.max_length,
-                config_hash=info.config_hash, runtime=state.description["runtime"]))
+                config_hash=info.config_hash, runtime=state.runtime))
         return out
 
     @app.post("/v1/attention", openapi_extra={"requestBody": {"required": True, "content": {
@@ -311,8 +311,8 @@ class Ingress:
             "format": "headscope-dataset/1", "tool_version": __version__,
             "stats_version": STATS_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {k: v for k, v in state.description.items() if k != "runtime"},
-            "runtime": state.description["runtime"],
+            "model": dataclasses.asdict(state.info),
+            "runtime": state.runtime,
             "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS},
             "input": {"source": "http"},
         }

@@ -14,7 +14,6 @@ Every application writes its datasets under its own temporary ``dataset_root``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 import pytest
 import requests
 from compare_tables import assert_attention_equal, assert_same_tables
-from conftest import SAMPLE_TEXTS
+from conftest import SAMPLE_TEXTS, free_port
 
 from pipelines import schema, stages
 from pipelines.backends.torch_backend import TorchBackend
@@ -51,12 +50,6 @@ START_TIMEOUT_S = 180
 SCHEMAS = {"documents": schema.DOCUMENTS, "tokens": schema.TOKENS,
            "head_stats": schema.HEAD_STATS, "attention": schema.attention_schema(False)}
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2  # several windows at max_length 48
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

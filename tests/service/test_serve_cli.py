@@ -15,7 +15,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,17 +27,12 @@ import psutil
 import pytest
 import requests
 import yaml
+from conftest import free_port
 
 SCRIPT = Path(sys.executable).parent / "headscope"
 CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "service.cli"]
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
