@@ -7,12 +7,20 @@ import logging
 import sys
 
 from pipelines import __version__
-from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
+from pipelines.config import (
+    BACKENDS,
+    AttentionMode,
+    ConfigError,
+    OnnxOptions,
+    RunConfig,
+    WindowConfig,
+)
 from pipelines.inputs import Columns, InputError
 from pipelines.models import REGISTRY, ModelError
+from pipelines.onnx_export import DEFAULT_OPSET, ExportError
 from pipelines.writer import OutputError
 
-USER_ERRORS = (ConfigError, InputError, ModelError, OutputError)
+USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +31,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", required=True, help="output folder (must be new or empty)")
     run.add_argument("--model", default="minilm",
                      help=f"registry name ({', '.join(REGISTRY)}), local folder or hub id")
-    run.add_argument("--backend", default="torch", choices=["torch"])
+    run.add_argument("--backend", default="auto", choices=BACKENDS,
+                     help="torch, onnx (a folder from export-onnx), or auto (default): onnx for "
+                          "an export folder, torch otherwise")
     run.add_argument("--attention", default="topk:8",
                      help="weights to keep: none, topk:K, threshold:T, full (default topk:8)")
     run.add_argument("--max-length", type=int, default=None,
@@ -35,6 +45,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="model dtype; float16/bfloat16 on CUDA only. Statistics are float32")
+    run.add_argument("--onnx-threads", type=int, default=0, metavar="N",
+                     help="ONNX Runtime intra-op threads (default 0: one per physical core)")
+    run.add_argument("--onnx-inter-threads", type=int, default=0, metavar="N",
+                     help="ONNX Runtime inter-op threads (default 0: runtime default)")
     run.add_argument("--batch-tokens", type=int, default=8192,
                      help="padded tokens per forward pass (default 8192)")
     run.add_argument("--local-window", type=int, default=2,
@@ -64,12 +78,43 @@ def _run(args: argparse.Namespace) -> int:
         windows=WindowConfig(args.max_length, args.stride, args.truncate),
         batch_tokens=args.batch_tokens, local_window=args.local_window,
         shard_tokens=args.shard_tokens, allow_download=args.allow_download,
+        onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
     )
     columns = Columns(args.text_column, args.id_column, args.pair_column)
     result = run_job(args.inputs, args.out, config, columns, resume=args.resume,
                      overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {result.out}: {result.documents} documents, {result.windows} windows, "
           f"{result.tokens} tokens in {result.seconds:.1f} s")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export-onnx", help="export a model to ONNX with its attention probabilities as outputs",
+        description="Export a BERT- or GPT-2-family model to an ONNX folder usable as --model "
+                    "with the onnx backend. The export is verified against PyTorch first.")
+    export.add_argument("--model", required=True,
+                        help=f"registry name ({', '.join(REGISTRY)}), local folder or hub id")
+    export.add_argument("--out", required=True, help="export folder (must be new or empty)")
+    export.add_argument("--hidden-states", action="store_true",
+                        help="also output the hidden states (embeddings and every layer)")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    export.add_argument("--allow-download", action="store_true",
+                        help="allow fetching --model from a model hub (off: local only)")
+    export.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipelines.onnx_export import export_onnx
+
+    metadata = export_onnx(args.model, args.out, args.hidden_states, args.opset, args.overwrite,
+                           args.allow_download)
+    check = metadata["verification"]
+    print(f"wrote {args.out}: {len(metadata['graph']['attention_outputs'])} attention outputs, "
+          f"opset {args.opset}; max |ONNX Runtime - PyTorch| = "
+          f"{check['max_abs_diff_attention']:.1e} on {len(check['batches'])} padded batches")
     return 0
 
 
@@ -92,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_export(sub)
     sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
     demo = sub.add_parser("demo", help="run the demo job on the Python docs and summarise it")
     demo.add_argument("--out", default="demo_out")

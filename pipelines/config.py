@@ -73,11 +73,27 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
+class OnnxOptions:
+    """ONNX Runtime session threads (0: the runtime's default, one per physical core)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ConfigError("ONNX Runtime thread counts must be 0 (default) or positive")
+
+
+#: ``auto`` runs an ONNX export folder with ONNX Runtime and anything else with PyTorch.
+BACKENDS = ("auto", "torch", "onnx")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that decides the rows a job writes (saved in the manifest)."""
 
     model: str = "minilm"
-    backend: str = "torch"
+    backend: str = "auto"
     device: str = "auto"
     dtype: str = "float32"
     attention: AttentionMode = field(default_factory=lambda: AttentionMode("topk", k=8))
@@ -89,6 +105,7 @@ class RunConfig:
     #: A shard (one Parquet part per table) closes after this many content tokens.
     shard_tokens: int = 32768
     allow_download: bool = False
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

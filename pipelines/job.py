@@ -56,7 +56,8 @@ def shards(docs: Iterator[Document], windower: Windower,
 
 def job_key(manifest: dict) -> str:
     """What must match for --resume: model, inputs and every setting that changes rows."""
-    config = {k: v for k, v in manifest["config"].items() if k not in ("device", "batch_tokens")}
+    unkeyed = ("device", "batch_tokens", "onnx")  # how fast, not what is computed
+    config = {k: v for k, v in manifest["config"].items() if k not in unkeyed}
     keyed = {"model": manifest["model"]["config_hash"], "path": manifest["model"]["path"],
              "config": config, "input": manifest["input"]["fingerprint"],
              "stats_version": manifest["stats_version"]}
@@ -149,7 +150,7 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
     files = expand(inputs)
     summary = validate(files, columns)
     backend = backend or create_backend(config.backend, config.model, config.device,
-                                        config.dtype, config.allow_download)
+                                        config.dtype, config.allow_download, config.onnx)
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     found = survey(files, columns, windower, config, backend.info)
     _log_survey(found, summary, config)

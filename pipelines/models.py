@@ -28,6 +28,8 @@ CAUSAL_TYPES = frozenset({"gpt2"})
 SUPPORTED_TYPES = BIDIRECTIONAL_TYPES | CAUSAL_TYPES
 #: RoBERTa-style position embeddings reserve the first positions for padding.
 _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+#: The file ``headscope export-onnx`` writes beside the graph; its presence marks an export.
+ONNX_METADATA = "headscope_onnx.json"
 
 
 class ModelError(ValueError):
@@ -114,9 +116,9 @@ def config_hash(config: PretrainedConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedModel,
-             tokenizer: PreTrainedTokenizerBase) -> ModelInfo:
-    """Build the ModelInfo for a loaded model."""
+def describe(name: str, path: str, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+             accepts_token_type_ids: bool) -> ModelInfo:
+    """Build the ModelInfo for a model (its weights live in a torch module or an ONNX graph)."""
     model_type = config.model_type
     causal = model_type in CAUSAL_TYPES
     positions = getattr(config, "max_position_embeddings", None) or config.n_positions
@@ -138,8 +140,7 @@ def describe(name: str, path: str, config: PretrainedConfig, model: PreTrainedMo
         causal=causal,
         sep_token_id=None if causal else tokenizer.sep_token_id,
         pad_token_id=int(pad_id),
-        accepts_token_type_ids=(not causal)
-        and "token_type_ids" in inspect.signature(model.forward).parameters,
+        accepts_token_type_ids=(not causal) and accepts_token_type_ids,
     )
 
 
@@ -157,9 +158,19 @@ def load_tokenizer(name: str, allow_download: bool = False) -> PreTrainedTokeniz
     return AutoTokenizer.from_pretrained(source, **common)
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-         allow_download: bool = False) -> LoadedModel:
-    """Load tokenizer and model with eager attention, in eval mode, on ``device``."""
+def onnx_metadata(folder: str | Path) -> dict | None:
+    """The metadata of a folder written by ``headscope export-onnx``, or None for other folders."""
+    path = Path(folder) / ONNX_METADATA
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not readable JSON ({exc}); export the model again") from None
+
+
+def load_config(name: str, allow_download: bool = False) -> tuple[str, PretrainedConfig, dict]:
+    """Folder (or hub id), config and loading options of a supported model."""
     source, common = _source(name, allow_download)
     try:
         config = AutoConfig.from_pretrained(source, **common)
@@ -171,12 +182,30 @@ def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
             f"model {name!r} has architecture {config.model_type!r}; headscope supports "
             f"{', '.join(sorted(SUPPORTED_TYPES))}"
         )
+    return source, config, common
+
+
+def load_fast_tokenizer(name: str, source: str, common: dict) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {name!r}: a fast (tokenizers-backed) tokenizer is required")
+    return tokenizer
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+         allow_download: bool = False) -> LoadedModel:
+    """Load tokenizer and PyTorch model with eager attention, in eval mode, on ``device``."""
+    source, config, common = load_config(name, allow_download)
+    if common["local_files_only"] and onnx_metadata(source) is not None:
+        raise ModelError(
+            f"model {name!r} is an ONNX export (no PyTorch weights): use the onnx backend "
+            "(--backend onnx or auto), or the source model it was exported from"
+        )
+    tokenizer = load_fast_tokenizer(name, source, common)
     model = AutoModel.from_pretrained(source, attn_implementation="eager", dtype=dtype, **common)
     model.eval().to(device)
-    info = describe(name, source, config, model, tokenizer)
+    accepts_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    info = describe(name, source, config, tokenizer, accepts_types)
     log.info("loaded %s (%s, %d layers × %d heads, max %d tokens) from %s on %s",
              name, info.model_type, info.num_layers, info.num_heads, info.max_length,
              source, device)

@@ -34,6 +34,17 @@ class OutputError(ValueError):
     """The output folder cannot be used as asked."""
 
 
+#: The process umask, read once at import (os.umask is the only portable way to read it).
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temporary file the usual permissions and move it into place."""
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates files readable by their owner only
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
@@ -41,7 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -55,7 +66,7 @@ def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> No
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
                    use_dictionary=strings, write_statistics=True)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def part_name(shard: int) -> str:

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     field_validator,
@@ -35,12 +36,21 @@ class Autoscaling(Strict):
     target_ongoing_requests: PositiveFloat = 8
 
 
+class OnnxSettings(Strict):
+    """ONNX Runtime threads per replica (0: the runtime's default)."""
+
+    intra_op_threads: NonNegativeInt = 0
+    inter_op_threads: NonNegativeInt = 0
+
+
 class ModelConfig(Strict):
     """One model deployment: which model, how it batches, what resources a replica gets."""
 
     name: str = "minilm"  # public name in the API and the store folder
-    model: str = "minilm"  # registry name or local folder
-    backend: Literal["torch"] = "torch"
+    model: str = "minilm"  # registry name, local folder, or a folder from export-onnx
+    #: auto: ONNX Runtime for an export folder, PyTorch otherwise.
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    onnx: OnnxSettings = OnnxSettings()
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_batch_size: PositiveInt = 32  # documents per forward batch

@@ -18,7 +18,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from pipelines import stages
 from pipelines.backends import Backend, create_backend
-from pipelines.config import AttentionMode, RunConfig
+from pipelines.config import AttentionMode, OnnxOptions, RunConfig
 from pipelines.tokenize import Window
 from service.config import ModelConfig
 
@@ -76,7 +76,8 @@ class ModelWorker:
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
-        self.backend = create_backend(config.backend, config.model, config.device, config.dtype)
+        self.backend = create_backend(config.backend, config.model, config.device, config.dtype,
+                                      onnx=OnnxOptions(**config.onnx.model_dump()))
         self.analyse.set_max_batch_size(config.max_batch_size)
         self.analyse.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.tags = {"model": config.name}

@@ -58,6 +58,26 @@ def gpt2(gpt2_dir: Path) -> TorchBackend:
     return TorchBackend(str(gpt2_dir), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def minilm_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM exported by ``export_onnx`` (which verifies it against PyTorch)."""
+    from pipelines.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "minilm"
+    export_onnx("minilm", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_onnx_dir(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random GPT-2, exported with its hidden states as extra outputs."""
+    from pipelines.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "gpt2"
+    export_onnx(str(gpt2_dir), out, hidden_states=True)
+    return out
+
+
 @pytest.fixture(params=["minilm", "gpt2"])
 def backend(request: pytest.FixtureRequest) -> TorchBackend:
     """Each test using it runs once per model family."""

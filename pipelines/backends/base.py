@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from pipelines.batching import Batch
-from pipelines.config import ConfigError
-from pipelines.models import ModelInfo
+from pipelines.config import BACKENDS, ConfigError, OnnxOptions
+from pipelines.models import ModelInfo, onnx_metadata
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -47,11 +48,23 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return torch.device(device), DTYPES[dtype]
 
 
-def create_backend(name: str, model: str, device: str = "auto", dtype: str = "float32",
-                   allow_download: bool = False) -> Backend:
-    """Build the backend called ``name`` for ``model``."""
-    if name == "torch":
-        from pipelines.backends.torch_backend import TorchBackend
+def choose_backend(name: str, model: str) -> str:
+    """Resolve ``auto``: an ONNX export folder runs on ONNX Runtime, anything else on PyTorch."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: use {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    folder = Path(model).expanduser()
+    return "onnx" if folder.is_dir() and onnx_metadata(folder) is not None else "torch"
 
-        return TorchBackend(model, device, dtype, allow_download)
-    raise ConfigError(f"unknown backend {name!r}: use torch")
+
+def create_backend(name: str, model: str, device: str = "auto", dtype: str = "float32",
+                   allow_download: bool = False, onnx: OnnxOptions | None = None) -> Backend:
+    """Build the backend called ``name`` (auto, torch or onnx) for ``model``."""
+    if choose_backend(name, model) == "onnx":
+        from pipelines.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend(model, device, dtype, onnx)
+    from pipelines.backends.torch_backend import TorchBackend
+
+    return TorchBackend(model, device, dtype, allow_download)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-test-token"
 #: An environment variable nobody sets, so only ``auth_token_file`` can switch auth on.
 UNSET_TOKEN_ENV = "HEADSCOPE_TEST_TOKEN_THAT_IS_NEVER_SET"
-PREFIXES = {"open": "", "secure": "/secure", "overload": "/overload"}
+PREFIXES = {"open": "", "secure": "/secure", "overload": "/overload", "onnx": "/onnx"}
 SECURE_MODEL = "mini"
 LIMITS = {"max_inputs": 8, "max_characters": 5000, "max_tokens": 2000}
 WORKER = {"max_batch_size": 16, "batch_wait_timeout_s": 0.1, "num_cpus": 0.5}
@@ -90,9 +90,12 @@ class Service:
             time.sleep(0.3)
 
 
-def app_configs(base: Path, token_file: Path) -> dict[str, dict]:
+def app_configs(base: Path, token_file: Path, onnx_dir: Path) -> dict[str, dict]:
     common = {"auth_token_env": UNSET_TOKEN_ENV, "limits": LIMITS}
     return {
+        "onnx": {**common, "dataset_root": str(base / "data-onnx"),
+                 "models": [{"name": "minilm", "model": str(onnx_dir), **WORKER,
+                             "onnx": {"intra_op_threads": 1}}]},
         "open": {**common, "dataset_root": str(base / "data-open"),
                  "models": [{"name": "minilm", **WORKER}]},
         "secure": {**common, "dataset_root": str(base / "data-secure"),
@@ -109,7 +112,8 @@ def app_configs(base: Path, token_file: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(tmp_path_factory: pytest.TempPathFactory,
+            minilm_onnx_dir: Path) -> Iterator[Service]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop(UNSET_TOKEN_ENV, None)
     import ray
@@ -120,9 +124,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     base = tmp_path_factory.mktemp("service")
     token_file = base / "token"
     token_file.write_text(f"{TOKEN}\n")
-    configs = app_configs(base, token_file)
+    configs = app_configs(base, token_file, minilm_onnx_dir)
     # address="local": always a new cluster of our own, never someone else's.
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20,
+    # Three logical CPUs on two cores: four apps reserve 2.75 of them, and most replicas idle.
+    ray.init(address="local", num_cpus=3, object_store_memory=200 * 2**20,
              include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -301,6 +306,19 @@ def test_models_and_health(service: Service) -> None:
     assert (model["num_layers"], model["num_heads"], model["max_length"]) == (6, 12, 512)
     assert model["runtime"]["device"] == "cpu"
     assert ok(service.get("/openapi.json"))["info"]["title"] == "headscope"
+
+
+def test_onnx_model_gives_the_same_tables_as_torch(service: Service) -> None:
+    """The same request to a PyTorch model and to its ONNX export (auto backend)."""
+    items = [{"id": f"t{i}", "text": text} for i, text in enumerate([*SAMPLE_TEXTS, LONG_TEXT])]
+    items.append({"id": "pair", "text": "Where is the cat?", "text_pair": "On the mat."})
+    payload = {"inputs": items, "max_length": 48, "stride": 8}
+    torch_body, onnx_body = ok(service.post(payload)), ok(service.post(payload, app="onnx"))
+    assert_same_tables(json_tables(onnx_body), json_tables(torch_body))
+    [model] = ok(service.get("/v1/models", app="onnx"))
+    runtime = model["runtime"]
+    assert runtime["backend"] == "onnx" and runtime["provider"] == "CPUExecutionProvider"
+    assert runtime["intra_op_threads"] == 1 and model["num_heads"] == 12
 
 
 # ------------------------------------------------------------------------------ batching
