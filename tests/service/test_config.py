@@ -41,7 +41,8 @@ def test_defaults() -> None:
     assert config.default_model == "minilm"
     model = config.models[0]
     assert (model.model, model.backend, model.device, model.dtype) == \
-        ("minilm", "torch", "auto", "float32")
+        ("minilm", "auto", "auto", "float32")
+    assert model.onnx.intra_op_threads == model.onnx.inter_op_threads == 0
     assert model.max_batch_size == 32 and model.batch_wait_timeout_s == 0.02
     assert model.num_replicas == 1 and model.autoscaling is None
     assert config.limits == Limits(max_inputs=64, max_characters=200_000, max_tokens=32_768)
@@ -167,7 +168,9 @@ def test_duplicate_or_no_model_names_fail() -> None:
     ("model", {"max_ongoing_requests": 0}),
     ("model", {"max_queued_requests": -2}),
     ("model", {"dtype": "int8"}),
-    ("model", {"backend": "onnx"}),
+    ("model", {"backend": "tensorrt"}),
+    ("model", {"onnx": {"intra_op_threads": -1}}),
+    ("model", {"onnx": {"threads": 2}}),
     ("model", {"max_batch_size": "many"}),
     ("limits", {"max_inputs": 0}),
     ("limits", {"max_characters": -5}),
