@@ -19,6 +19,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, S] int64
     attention_mask: torch.Tensor  # [B, S] int64, 1 = real token
     type_ids: torch.Tensor  # [B, S] int64
+    segment: torch.Tensor  # [B, S] int64: 0 = text, 1 = text_pair (0 on padding)
     is_special: torch.Tensor  # [B, S] bool
     is_sep: torch.Tensor  # [B, S] bool
     is_punct: torch.Tensor  # [B, S] bool
@@ -88,6 +89,7 @@ def collate(windows: list[Window], pad_token_id: int) -> Batch:
         input_ids=padded("input_ids", np.int64, pad_token_id),
         attention_mask=torch.from_numpy(mask),
         type_ids=padded("type_ids", np.int64, 0),
+        segment=padded("segment", np.int64, 0),
         is_special=padded("is_special", np.bool_, False),
         is_sep=padded("is_sep", np.bool_, False),
         is_punct=padded("is_punct", np.bool_, False),

@@ -14,6 +14,7 @@ from pipelines.config import (
     OnnxOptions,
     RunConfig,
     WindowConfig,
+    parse_analyses,
 )
 from pipelines.inputs import Columns, InputError
 from pipelines.models import REGISTRY, ModelError
@@ -55,6 +56,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      help="half-width w for mass_window and mass_sparse (default 2)")
     run.add_argument("--shard-tokens", type=int, default=32768,
                      help="tokens per output shard (default 32768)")
+    run.add_argument("--analyses", default="",
+                     help="comma-separated extras: patterns (pattern class per head), words "
+                          "(word-level attention), similarity (head-to-head JS distances)")
+    run.add_argument("--similarity-docs", type=int, default=0, metavar="N",
+                     help="head similarity over the first N documents only (default 0: all)")
     run.add_argument("--text-column", default="text")
     run.add_argument("--id-column", default="id")
     run.add_argument("--pair-column", default="text_pair")
@@ -72,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("batch_tokens", "shard_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.similarity_docs < 0:
+        raise ConfigError("--similarity-docs must be 0 (all documents) or positive")
     config = RunConfig(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         attention=AttentionMode.parse(args.attention),
@@ -79,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, local_window=args.local_window,
         shard_tokens=args.shard_tokens, allow_download=args.allow_download,
         onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
+        analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
     )
     columns = Columns(args.text_column, args.id_column, args.pair_column)
     result = run_job(args.inputs, args.out, config, columns, resume=args.resume,
@@ -118,6 +127,43 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    ablate = sub.add_parser(
+        "ablate", help="measure what each head contributes by disabling it",
+        description="Re-run INPUT with each head (or each --heads set) disabled and write a "
+                    "head_importance table: change in LM loss (GPT-2), in masked-LM loss "
+                    "(BERT with an MLM head) and in the final representations (BERT).")
+    ablate.add_argument("inputs", nargs="+", metavar="INPUT", help="as for `headscope run`")
+    ablate.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    ablate.add_argument("--model", default="minilm",
+                        help=f"registry name ({', '.join(REGISTRY)}) or a local folder")
+    ablate.add_argument("--heads", action="append", metavar="SET",
+                        help='a set of heads disabled together, e.g. "3.5,3.7" or "0.*"; '
+                             "repeat for several sets (default: every single head)")
+    ablate.add_argument("--max-length", type=int, default=None)
+    ablate.add_argument("--stride", type=int, default=64)
+    ablate.add_argument("--truncate", action="store_true")
+    ablate.add_argument("--seed", type=int, default=0, help="seed of the masked-LM positions")
+    ablate.add_argument("--device", default="auto")
+    ablate.add_argument("--text-column", default="text")
+    ablate.add_argument("--id-column", default="id")
+    ablate.add_argument("--pair-column", default="text_pair")
+    ablate.add_argument("--overwrite", action="store_true")
+    ablate.add_argument("--no-progress", action="store_true")
+    ablate.set_defaults(func=_ablate)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pipelines.ablate import run_ablation
+
+    out = run_ablation(args.inputs, args.out, args.model, args.heads,
+                       WindowConfig(args.max_length, args.stride, args.truncate), args.seed,
+                       args.device, Columns(args.text_column, args.id_column, args.pair_column),
+                       args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out}/head_importance")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, (description, _) in REGISTRY.items():
         print(f"{name:10s} {description}")
@@ -138,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_export(sub)
+    _add_ablate(sub)
     sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
     demo = sub.add_parser("demo", help="run the demo job on the Python docs and summarise it")
     demo.add_argument("--out", default="demo_out")

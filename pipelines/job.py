@@ -14,11 +14,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipelines import STATS_VERSION, __version__, stages
+from pipelines.analysis.similarity import HeadSimilarity
 from pipelines.backends import Backend, create_backend
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import Columns, InputError, InputSummary, expand, read_documents, validate
 from pipelines.models import ModelInfo
 from pipelines.runtime import keep_freed_memory, release_freed_memory
+from pipelines.schema import SIMILARITY_PARTS
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
 from pipelines.writer import DatasetWriter
@@ -64,6 +66,22 @@ def job_key(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def describe_analyses(config: RunConfig) -> dict:
+    """What each analysis of the job computes, with its constants (for the manifest)."""
+    from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds
+
+    described = {
+        "patterns": {"classes": list(PATTERN_CLASSES), "thresholds": PatternThresholds().to_dict(),
+                     "classifier": "rules on map features; see docs/analysis.md"},
+        "words": {"to_word": "sum of the weights to its tokens",
+                  "from_word": "mean of its tokens' rows", "unit": "pre-tokenizer words"},
+        "similarity": {"distance": "sqrt(JS divergence, log base 2) per query row",
+                       "mean": "over every sampled valid query row of every window",
+                       "documents": config.similarity_docs or "all"},
+    }
+    return {name: described[name] for name in config.analyses}
+
+
 def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
                    columns: Columns) -> dict:
     info = backend.info
@@ -80,6 +98,7 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
         "runtime": backend.describe(),
         "config": config.to_dict(),
         "attention_mode": str(config.attention),
+        "analyses": describe_analyses(config),
         "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS,
                        "local_window": config.local_window, "entropy_unit": "nats"},
         "input": {"files": summary.files, "documents": summary.documents,
@@ -138,6 +157,18 @@ def _log_survey(found: Survey, summary: InputSummary, config: RunConfig) -> None
         log.info("skipped %d blank lines (recorded in the manifest)", summary.skipped_blank_lines)
 
 
+def _similarity(backend: Backend, config: RunConfig) -> HeadSimilarity | None:
+    if "similarity" not in config.analyses:
+        return None
+    return HeadSimilarity(backend.info.num_layers, backend.info.num_heads)
+
+
+def _sampled(docs: list[Document], first_index: int, config: RunConfig) -> set[str]:
+    """doc_ids of this shard that the head similarity uses (the first N of the corpus)."""
+    limit = config.similarity_docs or float("inf")
+    return {doc.doc_id for index, doc in enumerate(docs, first_index) if index < limit}
+
+
 def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None = None,
             columns: Columns | None = None, resume: bool = False, overwrite: bool = False,
             backend: Backend | None = None, progress: bool = True) -> JobResult:
@@ -167,9 +198,14 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
         if shard in finished:
             bar.update(shard_tokens)
         else:
+            similarity = _similarity(backend, config)
+            sampled = _sampled(docs, n_docs, config)
             tables = stages.analyse_windows(
                 backend, windows, config,
-                on_batch=lambda done: bar.update(sum(w.n_tokens for w in done)))
+                on_batch=lambda done: bar.update(sum(w.n_tokens for w in done)),
+                similarity=similarity, in_sample=lambda w, ids=sampled: w.doc.doc_id in ids)
+            if similarity is not None:
+                tables[SIMILARITY_PARTS] = similarity.to_table()
             writer.write_shard(shard, tables)  # already in sort order
             del tables
             release_freed_memory()

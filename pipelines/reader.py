@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.schema import TABLES
-
 
 @dataclass
 class Dataset:
@@ -37,8 +35,10 @@ class Dataset:
     def table(self, name: str, filters: list | None = None,
               columns: list[str] | None = None) -> pd.DataFrame:
         """One table as a DataFrame; ``filters`` are pushed down to the Parquet scan."""
-        if name not in (*TABLES, "head_summary"):
-            raise KeyError(f"no table {name!r}; tables: {', '.join((*TABLES, 'head_summary'))}")
+        present = sorted(p.name for p in self.root.iterdir()
+                         if p.is_dir() and not p.name.startswith(("_", ".")))
+        if name not in present:
+            raise KeyError(f"no table {name!r} in {self.root}; tables: {', '.join(present)}")
         return pd.read_parquet(self.root / name, filters=filters, columns=columns)
 
     def head_stats(self, **equals: object) -> pd.DataFrame:

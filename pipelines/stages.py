@@ -13,6 +13,9 @@ import pyarrow as pa
 import torch
 
 from pipelines import schema
+from pipelines.analysis import words
+from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds, classify, pattern_scores
+from pipelines.analysis.similarity import HeadSimilarity
 from pipelines.backends.base import Backend
 from pipelines.batching import Batch, collate, plan_batches
 from pipelines.config import RunConfig
@@ -70,13 +73,20 @@ def _keys(windows: list[Window], batch_index: np.ndarray) -> dict[str, pa.Array 
     return {"doc_id": doc_ids, "window": window}
 
 
-def _stats_table(windows: list[Window], stats: dict[str, torch.Tensor]) -> pa.Table:
-    """Rows in (batch row, layer, head) order."""
-    layers, size, heads = stats["entropy"].shape
+def _per_head_columns(windows: list[Window], shape: tuple[int, int, int]) -> dict:
+    """Key columns of a per-(window, layer, head) table, rows in (batch row, layer, head)."""
+    layers, size, heads = shape
     batch_index, layer, head = (a.ravel() for a in np.meshgrid(
         np.arange(size), np.arange(layers), np.arange(heads), indexing="ij"))
-    columns = {**_keys(windows, batch_index), "layer": layer.astype(np.uint8),
-               "head": head.astype(np.uint8)}
+    return {**_keys(windows, batch_index), "layer": layer.astype(np.uint8),
+            "head": head.astype(np.uint8)}
+
+
+def _stats_table(windows: list[Window], stats: dict[str, torch.Tensor]) -> pa.Table:
+    """Rows in (batch row, layer, head) order."""
+    columns = _per_head_columns(windows, tuple(stats["entropy"].shape))
+    batch_index = np.repeat(np.arange(len(windows)), stats["entropy"].shape[0]
+                            * stats["entropy"].shape[2])
     for name in STAT_NAMES:
         values = stats[name].permute(1, 0, 2).cpu().numpy().ravel()
         columns[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN → null
@@ -94,13 +104,47 @@ def _attention_table(windows: list[Window], kept: dict[str, np.ndarray] | None,
     return pa.table(columns, schema=attention_schema)
 
 
+def _patterns_table(batch: Batch, attn: torch.Tensor, causal: bool,
+                    thresholds: PatternThresholds) -> pa.Table:
+    """One pattern class per (window, layer, head) and the scores that decided it."""
+    scores = pattern_scores(attn, batch.valid, batch.segment, causal)  # each [L, B, H]
+    codes = classify(scores, thresholds)  # [L, B, H]
+    columns = _per_head_columns(batch.windows, tuple(codes.shape))
+    names = pa.array(PATTERN_CLASSES)
+    columns["pattern"] = names.take(pa.array(codes.permute(1, 0, 2).cpu().numpy().ravel()
+                                             .astype(np.int64)))
+    for name in ("vertical", "diagonal", "block"):
+        values = scores[name].permute(1, 0, 2).cpu().numpy().ravel()
+        columns[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN → null
+    return pa.table(columns, schema=schema.HEAD_PATTERNS)
+
+
+def _word_attention_table(batch: Batch, attn: torch.Tensor, config: RunConfig,
+                          causal: bool) -> tuple[pa.Table, np.ndarray]:
+    """The kept word-to-word weights in the job's attention mode, and each row's batch row."""
+    mode, full = config.attention, config.attention.kind == "full"
+    if mode.kind == "none":
+        return schema.word_attention_schema(full).empty_table(), np.zeros(0, np.int64)
+    member = words.membership(batch.windows, attn.shape[-1], attn.device)  # [B, S, W]
+    word_attn, word_valid = words.word_attention(attn, member)  # [L, B, H, W, W], [B, W]
+    order = row_order(word_attn, mode.k if mode.kind == "topk" else None)
+    kept = kept_weights(word_attn, word_valid, causal, mode, order.kth_largest)
+    columns = {**_keys(batch.windows, kept["batch_index"]), "layer": kept["layer"],
+               "head": kept["head"], "query_word": kept["query"], "key_word": kept["key"],
+               "weight": kept["weight"]}
+    return pa.table(columns, schema=schema.word_attention_schema(full)), kept["batch_index"]
+
+
 def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
-                  rank: np.ndarray | None = None) -> dict[str, pa.Table]:
-    """Forward pass, statistics and kept weights of one padded batch.
+                  rank: np.ndarray | None = None,
+                  similarity: HeadSimilarity | None = None,
+                  sampled: np.ndarray | None = None) -> dict[str, pa.Table]:
+    """Forward pass, statistics, kept weights and the asked-for analyses of one batch.
 
     Rows come grouped by batch row (window), each window's rows in (layer, head, query, key)
     order. With ``rank`` (one integer per batch row), every table gets a ``_rank`` column
-    holding its window's rank, for ordering rows across batches.
+    holding its window's rank, for ordering rows across batches. ``similarity`` accumulates
+    the head distances of the batch rows that ``sampled`` ([B] bool, default all) selects.
     """
     attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
     batch = batch.to(attn.device)
@@ -110,36 +154,52 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
     stats = head_statistics(attn, flags, info.causal, config.local_window,
                             has_sep=info.sep_token_id is not None, order=order)
     kept = kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
+    per_head = np.repeat(np.arange(len(batch.windows)), info.num_layers * info.num_heads)
     tables = {
         "head_stats": _stats_table(batch.windows, stats),
         "attention": _attention_table(batch.windows, kept, config.attention.kind == "full"),
     }
+    owners = {"head_stats": per_head,  # the batch row of every table row
+              "attention": kept["batch_index"] if kept is not None else per_head[:0]}
+    if "patterns" in config.analyses:
+        tables["head_patterns"] = _patterns_table(batch, attn, info.causal, PatternThresholds())
+        owners["head_patterns"] = per_head
+    if "words" in config.analyses:
+        tables["word_attention"], owners["word_attention"] = _word_attention_table(
+            batch, attn, config, info.causal)
+    if similarity is not None:
+        rows = torch.ones(len(batch.windows), dtype=torch.bool) if sampled is None \
+            else torch.from_numpy(sampled)
+        if rows.any():
+            similarity.add(attn[:, rows.to(attn.device)], batch.valid[rows.to(attn.device)])
     if rank is None:
         return tables
-    per_row = {"head_stats": np.repeat(rank, info.num_layers * info.num_heads),
-               "attention": rank[kept["batch_index"]] if kept is not None else rank[:0]}
-    return {name: t.append_column("_rank", pa.array(per_row[name].astype(np.uint32)))
+    return {name: t.append_column("_rank", pa.array(rank[owners[name]].astype(np.uint32)))
             for name, t in tables.items()}
 
 
 def model_tables(backend: Backend, windows: list[Window], config: RunConfig,
-                 on_batch: Callable[[list[Window]], object] | None = None
-                 ) -> dict[str, pa.Table]:
-    """``head_stats`` and ``attention`` for ``windows``, batched by length under the budget.
+                 on_batch: Callable[[list[Window]], object] | None = None,
+                 similarity: HeadSimilarity | None = None,
+                 in_sample: Callable[[Window], bool] | None = None) -> dict[str, pa.Table]:
+    """The model's tables for ``windows`` (statistics, weights, analyses), batched by length.
 
     Rows come out sorted by (doc_id, window, layer, head[, query, key]) without sorting the
     rows themselves: windows are ranked by (doc_id, window), each batch emits its rows in
     window order, and one stable integer sort on the rank interleaves the batches.
+    ``similarity`` accumulates the head distances of the windows ``in_sample`` accepts.
     """
     by_key = sorted(range(len(windows)), key=lambda i: (windows[i].doc.doc_id, windows[i].window))
     rank = np.empty(len(windows), dtype=np.int64)
     rank[by_key] = np.arange(len(windows))
-    parts: dict[str, list[pa.Table]] = {"head_stats": [], "attention": []}
+    parts: dict[str, list[pa.Table]] = {}
     heads = backend.info.num_layers * backend.info.num_heads
     for indices in plan_batches([w.n_tokens for w in windows], config.batch_tokens, heads):
         batch = collate([windows[i] for i in indices], backend.info.pad_token_id)
-        for name, table in analyse_batch(backend, batch, config, rank[indices]).items():
-            parts[name].append(table)
+        sampled = None if in_sample is None else np.array([in_sample(w) for w in batch.windows])
+        for name, table in analyse_batch(backend, batch, config, rank[indices], similarity,
+                                         sampled).items():
+            parts.setdefault(name, []).append(table)
         if on_batch is not None:
             on_batch(batch.windows)
     return {name: _by_rank(pa.concat_tables(tables)) for name, tables in parts.items()}
@@ -152,12 +212,15 @@ def _by_rank(table: pa.Table) -> pa.Table:
 
 
 def analyse_windows(backend: Backend, windows: list[Window], config: RunConfig,
-                    on_batch: Callable[[list[Window]], object] | None = None
-                    ) -> dict[str, pa.Table]:
-    """All four tables for ``windows``, each sorted by its schema's keys."""
-    tables = sort_tables({"documents": documents_table(windows),
-                          "tokens": tokens_table(windows)})
-    return {**tables, **model_tables(backend, windows, config, on_batch)}
+                    on_batch: Callable[[list[Window]], object] | None = None,
+                    similarity: HeadSimilarity | None = None,
+                    in_sample: Callable[[Window], bool] | None = None) -> dict[str, pa.Table]:
+    """Every table for ``windows``, each sorted by its schema's keys."""
+    text_tables = {"documents": documents_table(windows), "tokens": tokens_table(windows)}
+    if "words" in config.analyses:
+        text_tables["words"] = words.words_table(windows)
+    return {**sort_tables(text_tables),
+            **model_tables(backend, windows, config, on_batch, similarity, in_sample)}
 
 
 def sort_tables(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:

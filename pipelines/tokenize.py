@@ -49,6 +49,7 @@ class Window:
     char_end: np.ndarray  # [n] int32, -1 likewise
     doc_position: np.ndarray  # [n] int32, -1 for added and pair tokens
     tokens: list[str]
+    word_ids: np.ndarray  # [n] int32: word index within its text (tokenizer), -1 if added
     is_special: np.ndarray  # [n] bool
     is_sep: np.ndarray  # [n] bool
     is_punct: np.ndarray  # [n] bool
@@ -165,6 +166,8 @@ class Windower:
             n_doc_tokens=n_doc, truncated=truncated, input_ids=ids,
             type_ids=np.asarray(enc.type_ids, dtype=np.int64), segment=segment,
             char_start=offsets[:, 0].copy(), char_end=offsets[:, 1].copy(),
-            doc_position=doc_position, tokens=list(enc.tokens), is_special=special,
+            doc_position=doc_position, tokens=list(enc.tokens),
+            word_ids=np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int32),
+            is_special=special,
             is_sep=is_sep, is_punct=punct,
         )

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,6 +29,8 @@ from pipelines.stats import STAT_NAMES
 
 MANIFEST = "manifest.json"
 SHARDS = "_shards"
+#: Tables written once, when a job finishes.
+FINAL_TABLES = ("head_summary", "head_similarity", "head_coords")
 
 
 class OutputError(ValueError):
@@ -123,21 +126,27 @@ class DatasetWriter:
 
     def _clean_unfinished(self) -> None:
         finished = {part_name(s) for s in self.finished_shards()}
-        for name in (*schema.TABLES, "head_summary", SHARDS):
+        for name in (*schema.SHARD_TABLES, *FINAL_TABLES, SHARDS):
             folder = self.root / name
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():
                 unfinished_part = path.suffix == ".parquet" and path.name not in finished
-                if path.name.startswith(".tmp-") or (name in schema.TABLES and unfinished_part):
+                if path.name.startswith(".tmp-") or (name in schema.SHARD_TABLES
+                                                     and unfinished_part):
                     path.unlink()
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, int]:
         """Write every table of one shard, then its marker; return row counts."""
-        for name in schema.TABLES:
-            atomic_write_parquet(self.root / name / part_name(shard), tables[name],
+        missing = [name for name in schema.TABLES if name not in tables]
+        unknown = [name for name in tables if name not in schema.SHARD_TABLES]
+        if missing or unknown:
+            raise ValueError(f"shard tables: missing {missing}, unknown {unknown}")
+        for name, table in tables.items():
+            atomic_write_parquet(self.root / name / part_name(shard), table,
                                  schema.ROW_GROUP_ROWS[name])
-        counts = {name: tables[name].num_rows for name in schema.TABLES}
+        counts = {name: table.num_rows for name, table in tables.items()
+                  if name != schema.SIMILARITY_PARTS}
         atomic_write_json(self.root / SHARDS / f"{shard:05d}.json", counts)
         return counts
 
@@ -145,19 +154,78 @@ class DatasetWriter:
         totals = dict.fromkeys(schema.TABLES, 0)
         for path in (self.root / SHARDS).glob("[0-9]*.json"):
             for name, count in json.loads(path.read_text()).items():
-                totals[name] += count
+                totals[name] = totals.get(name, 0) + count
         return totals
 
     def finish(self, manifest: dict) -> None:
-        """Write the corpus summary and the completed manifest."""
-        summary = head_summary(self.root / "head_stats")
-        atomic_write_parquet(self.root / "head_summary" / part_name(0), summary, 65536)
-        manifest["counts"] = {**self.shard_counts(), "head_summary": summary.num_rows}
+        """Write the corpus-level tables and the completed manifest."""
+        finals = {"head_summary": head_summary(self.root / "head_stats",
+                                               self.root / "head_patterns")}
+        if (self.root / schema.SIMILARITY_PARTS).is_dir():
+            finals.update(merge_similarity(self.root / schema.SIMILARITY_PARTS))
+        for name, table in finals.items():
+            atomic_write_parquet(self.root / name / part_name(0), table, 65536)
+        manifest["counts"] = {**self.shard_counts(),
+                              **{name: table.num_rows for name, table in finals.items()}}
         manifest["status"] = "complete"
+        self.finish_manifest(manifest)
+
+    def finish_manifest(self, manifest: dict) -> None:
+        """Replace the manifest (last, so a complete manifest means a complete dataset)."""
         atomic_write_json(self.root / MANIFEST, manifest)
 
 
-def head_summary(head_stats_dir: Path) -> pa.Table:
+def merge_similarity(parts_dir: Path) -> dict[str, pa.Table]:
+    """``head_similarity`` (row-weighted mean over the shards) and ``head_coords`` (2-D MDS)."""
+    from pipelines.analysis.similarity import coordinates
+
+    parts = pq.read_table(parts_dir).to_pandas()
+    keys = ["layer_a", "head_a", "layer_b", "head_b"]
+    parts = parts[parts["n_rows"] > 0]
+    parts["weighted"] = parts["js_distance"].astype(np.float64) * parts["n_rows"]
+    merged = parts.groupby(keys, sort=True)[["weighted", "n_rows"]].sum().reset_index()
+    merged["js_distance"] = (merged["weighted"] / merged["n_rows"]).astype(np.float32)
+    table = pa.Table.from_pandas(merged[[*keys, "js_distance", "n_rows"]],
+                                 schema=schema.HEAD_SIMILARITY, preserve_index=False)
+    if table.num_rows == 0:
+        return {"head_similarity": table, "head_coords": schema.HEAD_COORDS.empty_table()}
+    layers, heads = int(merged["layer_a"].max()) + 1, int(merged["head_a"].max()) + 1
+    distance = merged["js_distance"].to_numpy(np.float64).reshape(layers * heads, -1)
+    xy = coordinates(distance)
+    layer, head = np.divmod(np.arange(layers * heads), heads)
+    coords = pa.table({"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
+                       "x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)},
+                      schema=schema.HEAD_COORDS)
+    return {"head_similarity": table, "head_coords": coords}
+
+
+def pattern_shares(patterns_dir: Path) -> pd.DataFrame | None:
+    """Per (layer, head): the share of windows in each pattern class, or None."""
+    if not patterns_dir.is_dir():
+        return None
+    frame = pq.read_table(patterns_dir, columns=["layer", "head", "pattern"]).to_pandas()
+    if frame.empty:
+        return None
+    shares = pd.crosstab([frame["layer"], frame["head"]], frame["pattern"].astype(str),
+                         normalize="index")
+    from pipelines.analysis.patterns import PATTERN_CLASSES
+
+    shares = shares.reindex(columns=list(PATTERN_CLASSES), fill_value=0.0)
+    shares.columns = [f"share_{name.replace('+', '_')}" for name in shares.columns]
+    return shares.reset_index()
+
+
+def head_summary(head_stats_dir: Path, patterns_dir: Path | None = None) -> pa.Table:
+    """Per (layer, head) statistics summary, plus pattern-class shares where they exist."""
+    table = stats_summary(head_stats_dir)
+    shares = pattern_shares(patterns_dir) if patterns_dir is not None else None
+    if shares is None or table.num_rows == 0:
+        return table
+    frame = table.to_pandas().merge(shares, on=["layer", "head"], how="left")
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def stats_summary(head_stats_dir: Path) -> pa.Table:
     """Per (layer, head): mean and std of every statistic over all windows.
 
     Reads one part at a time and keeps running sums, so memory stays flat. Nulls (e.g.
@@ -215,7 +283,6 @@ def append_parts(root: str | Path, part_id: str, tables: dict[str, pa.Table],
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / MANIFEST, {**manifest, "status": "open"})
     name = f"part-{part_id}.parquet"
-    for table_name in schema.TABLES:
-        atomic_write_parquet(root / table_name / name, tables[table_name],
-                             schema.ROW_GROUP_ROWS[table_name])
-    return {table_name: tables[table_name].num_rows for table_name in schema.TABLES}
+    for table_name, table in tables.items():
+        atomic_write_parquet(root / table_name / name, table, schema.ROW_GROUP_ROWS[table_name])
+    return {table_name: table.num_rows for table_name, table in tables.items()}

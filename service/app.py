@@ -29,7 +29,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import STATS_VERSION, __version__, schema, stages
-from pipelines.config import AttentionMode, ConfigError, WindowConfig
+from pipelines.analysis.ablation import HeadMask
+from pipelines.analysis.words import words_table
+from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_analyses
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
@@ -40,6 +42,10 @@ from service.worker import DocumentJob, ModelWorker
 
 log = logging.getLogger(__name__)
 OPEN_ROUTES = {"/healthz", "/readyz"}
+#: Tables with layer and head columns, which the request's layers/heads filters apply to.
+PER_HEAD_TABLES = {"head_stats", "attention", "head_patterns", "word_attention"}
+#: The analysis that produces each optional table.
+TABLE_ANALYSIS = {"head_patterns": "patterns", "words": "words", "word_attention": "words"}
 
 
 class ApiError(Exception):
@@ -226,9 +232,11 @@ class Ingress:
         body = await parse_request(request)
         state = await self._model(body.model)
         self._check_ranges(body, state.info)
+        self._check_disabled(body, state)
         windows = self._windows(body, state)
-        jobs = [DocumentJob(doc_windows, body.attention, body.local_window)
-                for doc_windows in windows]
+        analyses = parse_analyses(",".join(body.analyses))
+        jobs = [DocumentJob(doc_windows, body.attention, body.local_window, analyses,
+                            body.disable_heads) for doc_windows in windows]
         try:
             results = await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
         except BackPressureError:
@@ -238,19 +246,35 @@ class Ingress:
         flat = [w for doc_windows in windows for w in doc_windows]
         tables = {"documents": stages.documents_table(flat), "tokens": stages.tokens_table(flat),
                   **stages.concat(results)}
+        if "words" in analyses:
+            tables["words"] = words_table(flat)
         tables = stages.sort_tables(tables)
         if body.store:
             self._store(body, state, tables)
-        tables["head_stats"] = _select(tables["head_stats"], body.layers, body.heads)
-        tables["attention"] = _select(tables["attention"], body.layers, body.heads)
+        for name in PER_HEAD_TABLES & tables.keys():
+            tables[name] = _select(tables[name], body.layers, body.heads)
         if not body.statistics:
             tables["head_stats"] = schema.HEAD_STATS.empty_table()
         if ARROW_STREAM in request.headers.get("accept", ""):
+            if body.table not in tables:
+                raise ApiError(422, f"table {body.table!r} needs analyses "
+                                    f"[{TABLE_ANALYSIS[body.table]!r}] in the request")
             return _arrow_response(tables[body.table], body.table)
         payload = {"model": body.model or self.config.default_model,
                    "attention_mode": body.attention,
                    **{name: _records(t) for name, t in tables.items()}}
         return JSONResponse(payload)
+
+    def _check_disabled(self, body: AttentionRequest, state: ModelState) -> None:
+        if body.disable_heads is None:
+            return
+        if state.runtime.get("backend") != "torch":
+            raise ApiError(422, "disable_heads needs a model served by the torch backend; "
+                                f"this one runs on {state.runtime.get('backend')}")
+        try:
+            HeadMask.parse(body.disable_heads, state.info.num_layers, state.info.num_heads)
+        except ConfigError as exc:
+            raise ApiError(422, f"disable_heads: {exc}") from None
 
     def _check_ranges(self, body: AttentionRequest, info: ModelInfo) -> None:
         for name, values, limit in (("layers", body.layers, info.num_layers),

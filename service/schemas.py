@@ -8,7 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipelines.config import AttentionMode, ConfigError
 
-TableName = Literal["documents", "tokens", "head_stats", "attention"]
+TableName = Literal["documents", "tokens", "head_stats", "attention", "head_patterns", "words",
+                    "word_attention"]
+#: Analyses cheap enough per request (head similarity is a corpus-level analysis).
+RequestAnalysis = Literal["patterns", "words"]
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
@@ -44,6 +47,10 @@ class AttentionRequest(BaseModel):
     stride: int = Field(64, ge=0)
     truncate: bool = False
     local_window: int = Field(2, ge=0, le=64)
+    analyses: list[RequestAnalysis] = Field(
+        [], description="also return head_patterns (patterns) and words + word_attention (words)")
+    disable_heads: str | None = Field(
+        None, description='heads to disable in the forward pass, e.g. "3.5,3.7" or "0.*"')
     store: bool = Field(False, description="also append the results to the service dataset")
     table: TableName = Field("head_stats",
                              description="the table sent when Accept asks for Arrow")

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -17,6 +19,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from pipelines import stages
+from pipelines.analysis.ablation import HeadMask
 from pipelines.backends import Backend, create_backend
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
 from pipelines.tokenize import Window
@@ -33,6 +36,8 @@ class DocumentJob:
     windows: list[Window]
     attention: str
     local_window: int
+    analyses: tuple[str, ...] = ()
+    disable_heads: str | None = None  # HeadMask text, e.g. "3.5,0.*"
 
 
 def _tag(windows: list[Window], key: str) -> list[Window]:
@@ -49,6 +54,14 @@ def _split(tables: dict[str, pa.Table], key: str, doc_id: str) -> dict[str, pa.T
     return out
 
 
+def disabled_heads(backend: Backend, text: str | None) -> AbstractContextManager[None]:
+    """The backend with the heads of ``text`` ("3.5,0.*") disabled, or unchanged for None."""
+    if not text:
+        return contextlib.nullcontext()
+    info = backend.info
+    return backend.disabled_heads(HeadMask.parse(text, info.num_layers, info.num_heads))
+
+
 def analyse_documents(backend: Backend, jobs: list[DocumentJob],
                       batch_tokens: int) -> list[dict[str, pa.Table]]:
     """head_stats and attention for every job, computed in as few forward passes as possible.
@@ -57,14 +70,16 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
     their windows); results come back in job order, under each job's own doc_id.
     """
     results: list[dict[str, pa.Table] | None] = [None] * len(jobs)
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault((job.attention, job.local_window), []).append(index)
-    for (attention, local_window), members in groups.items():
+        key = (job.attention, job.local_window, job.analyses, job.disable_heads)
+        groups.setdefault(key, []).append(index)
+    for (attention, local_window, analyses, disable_heads), members in groups.items():
         config = RunConfig(attention=AttentionMode.parse(attention), local_window=local_window,
-                           batch_tokens=batch_tokens)
+                           batch_tokens=batch_tokens, analyses=analyses)
         windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
-        tables = stages.model_tables(backend, windows, config)
+        with disabled_heads(backend, disable_heads):
+            tables = stages.model_tables(backend, windows, config)
         for i in members:
             results[i] = _split(tables, str(i), jobs[i].windows[0].doc.doc_id)
     return [r for r in results if r is not None]

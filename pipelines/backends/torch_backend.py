@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 
 from pipelines import models
+from pipelines.analysis import ablation
 from pipelines.backends.base import resolve_device
 from pipelines.batching import Batch
 
@@ -21,6 +24,12 @@ class TorchBackend:
         self.device, self.dtype = resolve_device(device, dtype)
         loaded = models.load(model, self.device, self.dtype, allow_download)
         self.info, self._tokenizer, self.model = loaded.info, loaded.tokenizer, loaded.model
+        # Eager attention that can disable heads; with none disabled it is bit for bit eager.
+        ablation.enable_head_masking(self.model)
+
+    def disabled_heads(self, mask: ablation.HeadMask) -> AbstractContextManager[None]:
+        """Forward passes inside the block run with the heads of ``mask`` disabled."""
+        return ablation.disabled_heads(self.model, mask)
 
     @property
     def tokenizer(self):

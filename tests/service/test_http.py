@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -319,6 +320,66 @@ def test_onnx_model_gives_the_same_tables_as_torch(service: Service) -> None:
     runtime = model["runtime"]
     assert runtime["backend"] == "onnx" and runtime["provider"] == "CPUExecutionProvider"
     assert runtime["intra_op_threads"] == 1 and model["num_heads"] == 12
+
+
+def test_analyses_return_patterns_and_words_like_the_engine(service: Service,
+                                                            minilm: TorchBackend) -> None:
+    items = [{"id": "a", "text": LONG_TEXT}, {"id": "b", "text": "Is it raining?",
+                                               "text_pair": "It pours."}]
+    options = {"max_length": 48, "stride": 8, "attention": "topk:3"}
+    body = ok(service.post({"inputs": items, "analyses": ["patterns", "words"], **options}))
+    docs = [Document(i["id"], i["text"], i.get("text_pair")) for i in items]
+    windower = Windower(minilm.tokenizer, minilm.info, WindowConfig(48, 8))
+    flat = [w for doc in docs for w in windower.windows(doc)]
+    config = RunConfig(attention=AttentionMode.parse("topk:3"), analyses=("patterns", "words"))
+    want = stages.analyse_windows(minilm, flat, config)
+    for name in ("head_patterns", "words", "word_attention"):
+        got = pa.Table.from_pylist(body[name], schema=want[name].schema)
+        keys = schema.SORT_KEYS[name]
+        assert got.select(keys).equals(want[name].select(keys)), name
+    got = pa.Table.from_pylist(body["word_attention"], schema=want["word_attention"].schema)
+    assert pc.max(pc.abs(pc.subtract(got["weight"], want["word_attention"]["weight"]))).as_py() \
+        <= 1e-5
+    arrow_words = arrow(service, {"inputs": items, "analyses": ["words"], **options}, "words")
+    assert arrow_words.num_rows == len(body["words"])
+
+
+def test_arrow_table_of_an_analysis_not_asked_for_is_a_422(service: Service) -> None:
+    response = service.post({"texts": ["a b"], "table": "words"},
+                            headers={"Accept": ARROW_STREAM})
+    assert response.status_code == 422 and "analyses ['words']" in response.json()["error"]
+
+
+def test_disable_heads_equals_the_engine_with_those_heads_disabled(
+        service: Service, minilm: TorchBackend) -> None:
+    from pipelines.analysis.ablation import HeadMask
+
+    text = SAMPLE_TEXTS[3]
+    body = ok(service.post({"inputs": [{"id": "x", "text": text}], "disable_heads": "1.3,4.*"}))
+    doc = Document("x", text, source="http", source_line=0)
+    windows = Windower(minilm.tokenizer, minilm.info, WindowConfig()).windows(doc)
+    with minilm.disabled_heads(HeadMask.parse("1.3,4.*")):
+        want = stages.analyse_windows(minilm, windows, RunConfig())
+    assert_same_tables(json_tables(body), want)
+    stats = pd.DataFrame(body["head_stats"])
+    off = stats[((stats["layer"] == 1) & (stats["head"] == 3)) | (stats["layer"] == 4)]
+    assert len(off) == 13 and (off["max_weight"] == 0).all()
+    plain = pd.DataFrame(ok(service.post({"texts": [text]}))["head_stats"])
+    assert (plain["max_weight"] > 0).all()
+    layer0 = ["entropy", "mass_prev", "mean_distance"]
+    np.testing.assert_array_equal(stats[stats["layer"] == 0][layer0].to_numpy(),
+                                  plain[plain["layer"] == 0][layer0].to_numpy())
+
+
+@pytest.mark.parametrize(("app", "heads", "message"), [
+    ("open", "6.0", "layer 6 is out of range"),
+    ("open", "1.x", "disable_heads"),
+    ("onnx", "1.3", "needs a model served by the torch backend"),
+])
+def test_bad_disable_heads_is_a_422(service: Service, app: str, heads: str,
+                                    message: str) -> None:
+    response = service.post({"texts": ["a b"], "disable_heads": heads}, app=app)
+    assert response.status_code == 422 and message in response.json()["error"], response.text
 
 
 # ------------------------------------------------------------------------------ batching

@@ -1,0 +1,1 @@
+"""Analyses over attention maps beyond per-head statistics: pattern classes, head similarity."""

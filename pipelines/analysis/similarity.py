@@ -1,0 +1,152 @@
+"""Jensen–Shannon distances between attention heads, and a 2-D map of them for plotting.
+
+Clark et al. (2019, "What does BERT look at?", §6) compare two heads by the Jensen–Shannon
+divergence between their attention distributions, summed over the tokens of their data. Here,
+for heads a and b (all N = L·H heads of the model) and every valid query row i of a window,
+we take JSD(A_a[i], A_b[i]) with log base 2 (so 0..1) and its square root, the Jensen–Shannon
+distance. Two differences: we report the distance sqrt(JSD), which is a metric (so MDS of it
+is meaningful), not the divergence; and we average over rows instead of summing over tokens,
+every row seen weighing the same, so long and short documents weigh by their rows and runs
+of different sizes compare on one scale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+#: Cells (head pairs × query rows × keys) per chunk of the pairwise computation.
+CHUNK_CELLS = 2**20
+_LN2 = math.log(2.0)
+
+
+def _chunk_shape(n: int, pairs: int, cells: int) -> tuple[int, int]:
+    """(pairs, rows) per chunk so that pairs × rows × n stays within ``cells``."""
+    rows = min(n, max(1, cells // n))
+    return min(pairs, max(1, cells // (rows * n))), rows
+
+
+class HeadSimilarity:
+    """Mean Jensen–Shannon distance between every pair of heads, over all rows added.
+
+    Memory: the work runs in chunks of at most ``chunk_cells`` cells (head pairs × query
+    rows × keys, or heads × rows × keys for the row entropies) in float64. A chunk peaks at 20
+    bytes a cell (the rows of both heads, gathered as float32 and widened to float64), so live
+    temporaries stay under 20 MiB for the default 2**20 cells whatever N and S; N = 144 heads
+    and S = 512 take 2,574 chunks of 4 pairs × 512 rows per window. Beyond that the
+    accumulator holds [N, N] float64 sums and an [N, n] float64 table of row entropies (the
+    process RSS can grow by more, as the allocator keeps freed chunks for reuse).
+    Float64 because sqrt amplifies rounding in a near-zero divergence.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, *, chunk_cells: int = CHUNK_CELLS) -> None:
+        if not (0 < num_layers <= 256 and 0 < num_heads <= 256):
+            raise ValueError("layers and heads must be in 1..256 (they are stored as uint8)")
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.chunk_cells = chunk_cells
+        size = num_layers * num_heads
+        self._sums = np.zeros((size, size))  # [N, N]: sum over rows of sqrt(JSD), a < b only
+        self._pairs = torch.from_numpy(np.stack(np.triu_indices(size, k=1)))  # [2, P]
+        self.rows = 0
+
+    def add(self, attn: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add every valid query row of a padded batch; ``attn`` is [L, B, H, S, S]."""
+        layers, _, heads, _, _ = attn.shape
+        if (layers, heads) != (self.num_layers, self.num_heads):
+            raise ValueError(f"attention has {layers} layers × {heads} heads, expected "
+                             f"{self.num_layers} × {self.num_heads}")
+        for b, n in enumerate(valid.sum(-1).tolist()):
+            if n:
+                self._add_window(attn[:, b], n)  # [L, H, S, S]
+                self.rows += n
+
+    def _add_window(self, window: torch.Tensor, n: int) -> None:
+        """Sums of sqrt(JSD) over the n valid rows of one window's [L, H, S, S] map."""
+        pairs = self._pairs.to(window.device)  # [2, P]
+        neg_entropy = self._row_neg_entropy(window, n)  # [N, n]
+        pair_step, row_step = _chunk_shape(n, pairs.shape[1], self.chunk_cells)
+        for start in range(0, pairs.shape[1], pair_step):
+            first, second = pairs[:, start : start + pair_step]  # [p] each
+            total = torch.zeros(len(first), dtype=torch.float64, device=window.device)
+            for row in range(0, n, row_step):
+                rows = slice(row, min(row + row_step, n))
+                total += self._row_distances(window, first, second, rows, n,
+                                             neg_entropy).sum(-1)
+            self._sums[first.cpu().numpy(), second.cpu().numpy()] += total.cpu().numpy()
+
+    def _rows_of(self, window: torch.Tensor, heads: torch.Tensor, rows: slice,
+                 n: int) -> torch.Tensor:
+        """[len(heads), rows, n] float64: query rows of flat head indices (layer·H + head)."""
+        layer, head = heads // self.num_heads, heads % self.num_heads
+        return window[layer, head, rows, :n].double()
+
+    def _row_neg_entropy(self, window: torch.Tensor, n: int) -> torch.Tensor:
+        """[N, n] float64: sum_j p_j ln p_j of every head's valid rows (0 ln 0 = 0)."""
+        heads = torch.arange(self.num_layers * self.num_heads, device=window.device)
+        head_step, row_step = _chunk_shape(n, len(heads), self.chunk_cells)
+
+        def chunk(chosen: torch.Tensor, row: int) -> torch.Tensor:  # [heads, rows]
+            rows = self._rows_of(window, chosen, slice(row, row + row_step), n)
+            return torch.special.xlogy(rows, rows).sum(-1)
+
+        return torch.cat([torch.cat([chunk(chosen, row) for row in range(0, n, row_step)], 1)
+                          for chosen in heads.split(head_step)])
+
+    def _row_distances(self, window: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                       rows: slice, n: int, neg_entropy: torch.Tensor) -> torch.Tensor:
+        """[p, rows] float64: sqrt(JSD) in bits for each pair and row.
+
+        JSD(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; identical rows give m = p
+        exactly, hence 0 exactly.
+        """
+        mean = self._rows_of(window, first, rows, n)  # [p, r, n]
+        mean += self._rows_of(window, second, rows, n)
+        mean *= 0.5
+        mean_term = torch.special.xlogy(mean, mean).sum(-1)  # [p, r]
+        own = (neg_entropy[first, rows] + neg_entropy[second, rows]) * 0.5  # [p, r]
+        return ((own - mean_term) / _LN2).clamp_(min=0.0).sqrt_()
+
+    def distance(self) -> np.ndarray:
+        """[N, N] float64: mean over every row seen (each row weighs the same) of sqrt(JSD).
+
+        Heads are ordered layer-major (index = layer · H + head); symmetric, 0 on the
+        diagonal; NaN before any row was added.
+        """
+        if not self.rows:
+            return np.full(self._sums.shape, np.nan)
+        return (self._sums + self._sums.T) / self.rows
+
+    def to_table(self) -> pa.Table:
+        """Every ordered pair (a == b included), a-major: layer/head of both, distance, rows."""
+        size = self.num_layers * self.num_heads
+        first, second = np.divmod(np.arange(size * size), size)
+        return pa.table({
+            "layer_a": pa.array(first // self.num_heads, pa.uint8()),
+            "head_a": pa.array(first % self.num_heads, pa.uint8()),
+            "layer_b": pa.array(second // self.num_heads, pa.uint8()),
+            "head_b": pa.array(second % self.num_heads, pa.uint8()),
+            "js_distance": pa.array(self.distance().reshape(-1).astype(np.float32)),
+            "n_rows": pa.array(np.full(size * size, self.rows, np.int64)),
+        })
+
+
+def _precomputed_mds_options(mds_class: type) -> dict:
+    """Keyword arguments for metric MDS of a precomputed matrix on this scikit-learn."""
+    if "metric_mds" in inspect.signature(mds_class).parameters:  # scikit-learn >= 1.8
+        return {"metric": "precomputed", "metric_mds": True, "init": "random"}
+    return {"dissimilarity": "precomputed", "metric": True}
+
+
+def coordinates(distance: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[N, 2]: metric MDS (SMACOF, best of 4 seeded starts) of a distance matrix, to plot."""
+    from sklearn.manifold import MDS
+
+    matrix = np.asarray(distance, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.isfinite(matrix).all():
+        raise ValueError("coordinates need a square, finite distance matrix")
+    mds = MDS(n_components=2, n_init=4, random_state=seed, **_precomputed_mds_options(MDS))
+    return mds.fit_transform(matrix)

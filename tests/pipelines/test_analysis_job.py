@@ -1,0 +1,161 @@
+"""Analyses inside a corpus job: tables, corpus summaries, shards merged, resume, ablate CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE_TEXTS
+
+from pipelines import schema, stages
+from pipelines.analysis.patterns import PATTERN_CLASSES
+from pipelines.analysis.similarity import HeadSimilarity
+from pipelines.backends.torch_backend import TorchBackend
+from pipelines.batching import collate, plan_batches
+from pipelines.config import ConfigError, RunConfig, WindowConfig, parse_analyses
+from pipelines.job import run_job
+from pipelines.reader import Dataset
+from pipelines.tokenize import Document, Windower
+
+ANALYSES = ("patterns", "words", "similarity")
+WINDOWS = WindowConfig(max_length=32, stride=8)
+TEXTS = [*SAMPLE_TEXTS, " ".join(SAMPLE_TEXTS) * 2, "Is it raining?", "Yes; it pours."]
+SCRIPT = Path(sys.executable).parent / "headscope"
+CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
+
+
+def corpus(folder: Path) -> Path:
+    path = folder / "docs.jsonl"
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config(**changes: object) -> RunConfig:
+    values: dict = {"model": "minilm", "device": "cpu", "windows": WINDOWS,
+                    "analyses": ANALYSES, "shard_tokens": 40, **changes}
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def analysed(minilm: TorchBackend, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("analysed")
+    run_job([corpus(folder)], folder / "ds", config(), backend=minilm, progress=False)
+    return folder / "ds"
+
+
+def all_windows(backend: TorchBackend) -> list:
+    windower = Windower(backend.tokenizer, backend.info, WINDOWS)
+    return [w for i, t in enumerate(TEXTS) for w in windower.windows(Document(f"d{i}", t))]
+
+
+def test_parse_analyses() -> None:
+    assert parse_analyses("similarity, patterns") == ("patterns", "similarity")
+    assert parse_analyses("") == ()
+    with pytest.raises(ConfigError, match="unknown analysis attention: use patterns"):
+        parse_analyses("patterns,attention")
+
+
+def test_every_analysis_table_is_written_and_counted(analysed: Path) -> None:
+    manifest = Dataset.open(analysed).manifest
+    assert manifest["status"] == "complete" and set(manifest["analyses"]) == set(ANALYSES)
+    assert manifest["analyses"]["patterns"]["classes"] == list(PATTERN_CLASSES)
+    shards = len(list((analysed / "_shards").glob("*.json")))
+    assert shards > 2
+    for table in ("head_patterns", "words", "word_attention"):
+        frame = pd.read_parquet(analysed / table)
+        assert len(frame) == manifest["counts"][table] > 0, table
+        assert len(list((analysed / table).glob("part-*.parquet"))) == shards
+    stats = pd.read_parquet(analysed / "head_stats")
+    patterns = pd.read_parquet(analysed / "head_patterns")
+    keys = schema.SORT_KEYS["head_stats"]
+    pd.testing.assert_frame_equal(stats[keys], patterns[keys])  # one class per head row
+    assert set(patterns["pattern"]) <= set(PATTERN_CLASSES)
+
+
+def test_head_summary_has_the_share_of_each_class(analysed: Path) -> None:
+    summary = pd.read_parquet(analysed / "head_summary")
+    patterns = pd.read_parquet(analysed / "head_patterns")
+    shares = summary.filter(like="share_")
+    assert len(shares.columns) == len(PATTERN_CLASSES)
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-9)
+    head = patterns[(patterns["layer"] == 2) & (patterns["head"] == 7)]["pattern"]
+    row = summary[(summary["layer"] == 2) & (summary["head"] == 7)].iloc[0]
+    for name in PATTERN_CLASSES:
+        assert row[f"share_{name.replace('+', '_')}"] == pytest.approx((head == name).mean())
+
+
+def test_similarity_merged_over_shards_equals_one_pass(analysed: Path,
+                                                       minilm: TorchBackend) -> None:
+    """The job accumulates per shard and merges at the end; one accumulator must agree."""
+    windows = all_windows(minilm)
+    whole = HeadSimilarity(minilm.info.num_layers, minilm.info.num_heads)
+    heads = minilm.info.num_layers * minilm.info.num_heads
+    for indices in plan_batches([w.n_tokens for w in windows], 160, heads):
+        batch = collate([windows[i] for i in indices], minilm.info.pad_token_id)
+        whole.add(minilm.attentions(batch), batch.valid)
+    merged = pq.read_table(analysed / "head_similarity").to_pandas()
+    n = heads
+    assert len(merged) == n * n
+    np.testing.assert_allclose(merged["js_distance"].to_numpy().reshape(n, n), whole.distance(),
+                               rtol=0, atol=1e-5)
+    assert (merged["n_rows"] == whole.rows).all()
+    coords = pq.read_table(analysed / "head_coords").to_pandas()
+    assert len(coords) == n and np.isfinite(coords[["x", "y"]].to_numpy()).all()
+    assert schema.SIMILARITY_PARTS not in Dataset.open(analysed).manifest["counts"]
+
+
+def test_similarity_docs_limits_the_sample(minilm: TorchBackend, tmp_path: Path) -> None:
+    run_job([corpus(tmp_path)], tmp_path / "ds", config(analyses=("similarity",),
+                                                         similarity_docs=2),
+            backend=minilm, progress=False)
+    windows = [w for w in all_windows(minilm) if w.doc.doc_id in ("d0", "d1")]
+    rows = sum(w.n_tokens for w in windows)
+    merged = pq.read_table(tmp_path / "ds" / "head_similarity").to_pandas()
+    assert (merged["n_rows"] == rows).all()
+
+
+def test_resume_with_analyses_gives_the_same_tables(minilm: TorchBackend, analysed: Path,
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    run_job([corpus(tmp_path)], out, config(), backend=minilm, progress=False)
+    for marker in sorted((out / "_shards").glob("*.json"))[2:]:  # as if killed after shard 2
+        marker.unlink()
+    (out / "head_summary" / "part-00000.parquet").unlink()
+    run_job([corpus(tmp_path)], out, config(), backend=minilm, progress=False, resume=True)
+    for table in ("head_patterns", "words", "word_attention", "head_similarity", "head_summary"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / table),
+                                      pd.read_parquet(analysed / table), obj=table)
+
+
+def test_patterns_are_stable_under_batching(minilm: TorchBackend) -> None:
+    windows = all_windows(minilm)
+    run = RunConfig(analyses=("patterns",))
+    batched = stages.model_tables(minilm, windows, run)["head_patterns"]
+    single = stages.sort_tables({"head_patterns": stages.concat(
+        stages.model_tables(minilm, [w], run) for w in windows)["head_patterns"]})
+    assert batched["pattern"].equals(single["head_patterns"]["pattern"])
+
+
+def test_ablate_cli_writes_head_importance(tmp_path: Path, gpt2_dir: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    docs = corpus(tmp_path)
+    done = subprocess.run([*CLI, "ablate", str(docs), "--out", str(tmp_path / "ab"), "--model",
+                           str(gpt2_dir), "--heads", "0.1", "--heads", "1.*", "--device", "cpu",
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = Dataset.open(tmp_path / "ab").table("head_importance")
+    assert table["disabled"].tolist() == ["0.1", "1.*"]
+    assert table["metric"].tolist() == ["lm_loss", "lm_loss"] and (table["delta"] != 0).all()
+    bad = subprocess.run([*CLI, "ablate", str(docs), "--out", str(tmp_path / "bad"), "--model",
+                          str(gpt2_dir), "--heads", "9.1", "--device", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "layer 9 is out of range" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
