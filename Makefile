@@ -36,6 +36,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/corpus_throughput.py
 	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python benchmarks/analyses.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:

@@ -1,1 +1,1 @@
-"""Analyses over attention maps beyond per-head statistics: pattern classes, head similarity."""
+"""Analyses of attention maps beyond the per-head statistics."""

@@ -163,8 +163,9 @@ def block_score(attn: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor,
                 visible: torch.Tensor, causal: bool) -> torch.Tensor:
     """[L, B, H]: row mass on keys of the query's own segment; NaN unless the window is a pair.
 
-    chance_i = (own-segment keys row i may see) / k_i: what a uniform map keeps inside. In a
-    causal model the first segment's rows see only their own segment and are left out.
+    chance_i = (own-segment keys row i may see) / k_i: what a uniform map keeps inside. Rows
+    that see only their own segment are left out: all rows of a single-segment window (hence
+    NaN), and in a causal model the first segment's rows.
     """
     second = segment.bool() & valid  # [B, S]
     sides = torch.stack([valid & ~second, second], -1).float()  # [B, S, 2]
@@ -172,9 +173,7 @@ def block_score(attn: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor,
     own_mass = torch.where(second[None, :, None], side_mass[..., 1], side_mass[..., 0])
     side_keys = sides.cumsum(1) if causal else sides.sum(1, keepdim=True).expand_as(sides)
     own_keys = torch.where(second, side_keys[..., 1], side_keys[..., 0])  # [B, S]
-    score = _corrected(own_mass, _per_row(own_keys), _per_row(visible), _per_row(valid))
-    is_pair = (sides > 0).any(1).all(-1)  # [B]: both segments present
-    return score.masked_fill(~is_pair[None, :, None], float("nan"))
+    return _corrected(own_mass, _per_row(own_keys), _per_row(visible), _per_row(valid))
 
 
 def pattern_scores(attn: torch.Tensor, valid: torch.Tensor, segment: torch.Tensor | None,

@@ -24,7 +24,7 @@ CHUNK_CELLS = 2**20
 _LN2 = math.log(2.0)
 
 
-def _chunk_shape(n: int, pairs: int, cells: int) -> tuple[int, int]:
+def chunk_shape(n: int, pairs: int, cells: int) -> tuple[int, int]:
     """(pairs, rows) per chunk so that pairs × rows × n stays within ``cells``."""
     rows = min(n, max(1, cells // n))
     return min(pairs, max(1, cells // (rows * n))), rows
@@ -68,7 +68,7 @@ class HeadSimilarity:
         """Sums of sqrt(JSD) over the n valid rows of one window's [L, H, S, S] map."""
         pairs = self._pairs.to(window.device)  # [2, P]
         neg_entropy = self._row_neg_entropy(window, n)  # [N, n]
-        pair_step, row_step = _chunk_shape(n, pairs.shape[1], self.chunk_cells)
+        pair_step, row_step = chunk_shape(n, pairs.shape[1], self.chunk_cells)
         for start in range(0, pairs.shape[1], pair_step):
             first, second = pairs[:, start : start + pair_step]  # [p] each
             total = torch.zeros(len(first), dtype=torch.float64, device=window.device)
@@ -87,7 +87,7 @@ class HeadSimilarity:
     def _row_neg_entropy(self, window: torch.Tensor, n: int) -> torch.Tensor:
         """[N, n] float64: sum_j p_j ln p_j of every head's valid rows (0 ln 0 = 0)."""
         heads = torch.arange(self.num_layers * self.num_heads, device=window.device)
-        head_step, row_step = _chunk_shape(n, len(heads), self.chunk_cells)
+        head_step, row_step = chunk_shape(n, len(heads), self.chunk_cells)
 
         def chunk(chosen: torch.Tensor, row: int) -> torch.Tensor:  # [heads, rows]
             rows = self._rows_of(window, chosen, slice(row, row + row_step), n)

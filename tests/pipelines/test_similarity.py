@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_TEXTS
 from scipy.spatial.distance import jensenshannon
 
-from pipelines.analysis.similarity import HeadSimilarity, coordinates
+from pipelines.analysis.similarity import CHUNK_CELLS, HeadSimilarity, chunk_shape, coordinates
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.batching import collate
 from pipelines.config import WindowConfig
@@ -157,6 +157,19 @@ def test_wrong_shape_is_rejected() -> None:
         sim.add(attn, valid)
 
 
+@pytest.mark.parametrize("n", [1, 7, 64, 512, 3000])
+@pytest.mark.parametrize("pairs", [1, 10, 10296])
+@pytest.mark.parametrize("cells", [100, 5000, CHUNK_CELLS])
+def test_chunks_stay_within_the_cell_budget(n: int, pairs: int, cells: int) -> None:
+    """pairs × rows × keys per chunk <= cells (one row of one pair when even that is more)."""
+    pair_step, row_step = chunk_shape(n, pairs, cells)
+    assert 1 <= pair_step <= pairs and 1 <= row_step <= n
+    assert pair_step * row_step * n <= max(cells, n)
+    if row_step < n:
+        assert pair_step == 1, "rows are split only when one pair's rows do not fit"
+    assert pair_step == pairs or (pair_step + 1) * row_step * n > cells, "chunks as large as fit"
+
+
 # ---------------------------------------------------------------------------------------------
 # batching, padding, row weighting
 
@@ -193,7 +206,7 @@ def test_real_padding_does_not_matter(backend: TorchBackend) -> None:
     for window in [long_window, *short]:
         alone.add(*real_attention(backend, [window]))
     assert together.rows == alone.rows
-    np.testing.assert_allclose(together.distance(), alone.distance(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(together.distance(), alone.distance(), atol=TOL, rtol=0)
 
 
 def test_every_row_weighs_the_same() -> None:
