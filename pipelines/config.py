@@ -127,4 +127,5 @@ class RunConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["attention"] = str(self.attention)
+        data["analyses"] = list(self.analyses)  # as JSON reads it back
         return data

@@ -20,6 +20,7 @@ from transformers import (
     BertForMaskedLM,
 )
 
+from pipelines import models
 from pipelines.analysis.ablation import (
     HEAD_IMPORTANCE,
     HEAD_MASK_ATTENTION,
@@ -31,7 +32,6 @@ from pipelines.analysis.ablation import (
     load_for_ablation,
     mlm_positions,
 )
-from pipelines.backends.torch_backend import TorchBackend
 from pipelines.batching import collate, plan_batches
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import SUPPORTED_TYPES, resolve
@@ -64,10 +64,16 @@ def bundles(gpt2_dir: Path, mlm_bert_dir: Path) -> dict[str, AblationModel]:
 
 
 @pytest.fixture(scope="module")
-def eager_models(minilm: TorchBackend, gpt2_dir: Path, mlm_bert_dir: Path) -> dict:
+def eager_minilm() -> torch.nn.Module:
+    """MiniLM with transformers' own eager attention (TorchBackend switches to head masking)."""
+    return models.load("minilm", torch.device("cpu")).model
+
+
+@pytest.fixture(scope="module")
+def eager_models(eager_minilm: torch.nn.Module, gpt2_dir: Path, mlm_bert_dir: Path) -> dict:
     """The plain eager models (transformers' own attention) the ablation models must match."""
     return {
-        "minilm": minilm.model,
+        "minilm": eager_minilm,
         "gpt2": AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation="eager",
                                                      local_files_only=True).eval(),
         "bert_mlm": BertForMaskedLM.from_pretrained(mlm_bert_dir, attn_implementation="eager",
@@ -252,21 +258,21 @@ def test_matches_zeroed_output_projection(family: str, bundles) -> None:
         torch.testing.assert_close(got.logits[valid], expected.logits[valid], rtol=0, atol=1e-5)
 
 
-def test_disabled_heads_needs_the_masking_attention(minilm: TorchBackend) -> None:
+def test_disabled_heads_needs_the_masking_attention(eager_minilm: torch.nn.Module) -> None:
     with pytest.raises(ValueError, match="enable_head_masking"), \
-            disabled_heads(minilm.model, HeadMask.of((0, 0))):
+            disabled_heads(eager_minilm, HeadMask.of((0, 0))):
         pass
-    model = enable_head_masking(copy.deepcopy(minilm.model))
+    model = enable_head_masking(copy.deepcopy(eager_minilm))
     bundle_inputs = {"input_ids": torch.tensor([[101, 7592, 2088, 102]]),
                      "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
-    expected = run(minilm.model, bundle_inputs)
+    expected = run(eager_minilm, bundle_inputs)
     with disabled_heads(model, HeadMask.of((0, 3))):
         got = run(model, bundle_inputs)
     assert torch.equal(got.attentions[0][:, 3], torch.zeros_like(got.attentions[0][:, 3]))
     assert torch.equal(got.attentions[0][:, :3], expected.attentions[0][:, :3])
     with pytest.raises(ValueError, match="shape"), disabled_heads(model, torch.ones(2, 2)):
         pass
-    assert minilm.model.config._attn_implementation == "eager"  # the copy was switched
+    assert eager_minilm.config._attn_implementation == "eager"  # the copy was switched
 
 
 @pytest.mark.parametrize("model_type", [*sorted(SUPPORTED_TYPES), "gpt2-upcast"])
