@@ -17,6 +17,8 @@ STAT_ATOL = 1e-5
 #: Statistics measured in tokens. Their rounding error grows with the distance (up to the
 #: window length n times that of the weights), so they are compared divided by n.
 IN_TOKENS = ("mean_distance",)
+#: Statistics that average an integer count per row (see ``_allow_one_flip``).
+COUNTS = ("k90",)
 
 
 def frame(table: pa.Table, name: str) -> pd.DataFrame:
@@ -33,13 +35,27 @@ def assert_head_stats_equal(got: pa.Table, want: pa.Table, atol: float = STAT_AT
     left, right = frame(got, "head_stats"), frame(want, "head_stats")
     keys = ["doc_id", "window", "layer", "head", "n_tokens"]
     pd.testing.assert_frame_equal(left[keys], right[keys])
+    n_tokens = left["n_tokens"].to_numpy(float)
     for name in STAT_NAMES:
         got_values, want_values = left[name].to_numpy(float), right[name].to_numpy(float)
         if name in IN_TOKENS:  # a distance in tokens: compare it as a share of the window
-            got_values, want_values = (v / left["n_tokens"].to_numpy(float)
-                                       for v in (got_values, want_values))
+            got_values, want_values = got_values / n_tokens, want_values / n_tokens
+        if name in COUNTS:
+            got_values, want_values = _allow_one_flip(got_values, want_values, n_tokens, atol)
         np.testing.assert_allclose(got_values, want_values, rtol=0, atol=atol, equal_nan=True,
                                    err_msg=name)
+
+
+def _allow_one_flip(got: np.ndarray, want: np.ndarray, n_tokens: np.ndarray,
+                    atol: float) -> tuple[np.ndarray, np.ndarray]:
+    """A mean of per-row counts may move by 1/n where one row's count flips by one key.
+
+    That happens when a row's cumulative mass sits within rounding of the 0.9 boundary. Such
+    heads (at most 1% of them, and at least one allowed) are taken out of the comparison.
+    """
+    one_flip = np.isclose(np.abs(got - want), 1 / n_tokens, rtol=0, atol=atol)
+    assert one_flip.sum() <= max(1, len(got) // 100), f"{one_flip.sum()} k90 flips"
+    return got[~one_flip], want[~one_flip]
 
 
 def assert_attention_equal(got: pa.Table, want: pa.Table, atol: float = STAT_ATOL,

@@ -24,6 +24,9 @@ from pipelines.onnx_export import FORMAT, GraphNames, graph_inputs
 log = logging.getLogger(__name__)
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+#: Graph fusions left off: a separate Add and LayerNormalization ran faster on the CPU than
+#: the fused SkipLayerNormalization kernel (benchmarks/backends.py).
+SLOWER_FUSIONS = ["SkipLayerNormFusion"]
 
 
 def _import_runtime():
@@ -146,7 +149,8 @@ class OnnxBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = _providers(ort, device)
         try:
-            session = ort.InferenceSession(str(self.export.graph), opts, providers=providers)
+            session = ort.InferenceSession(str(self.export.graph), opts, providers=providers,
+                                           disabled_optimizers=SLOWER_FUSIONS)
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
             raise ModelError(f"{self.export.graph}: ONNX Runtime cannot load it "
                              f"({str(exc).splitlines()[0]})") from None
