@@ -2,7 +2,7 @@
 
 One corpus (prose of the Python help topics), MiniLM on the CPU. Jobs run with no analysis,
 then each analysis alone, then all of them, in alternating order over ``--repeats`` rounds; the
-best time of each is compared with the best statistics-only time. Head ablation (its own
+best time of each is compared with the best time without analyses. Head ablation (its own
 command, one forward pass per disabled head) is timed on a subset and reported per ablation
 and for all heads. It reports and never asserts. ``python benchmarks/analyses.py --help``.
 """

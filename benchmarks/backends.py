@@ -30,7 +30,7 @@ from corpus_throughput import (
 )
 
 from pipelines.backends import Backend
-from pipelines.backends.onnx_backend import OnnxBackend
+from pipelines.backends.onnx_backend import SLOWER_FUSIONS, OnnxBackend
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.batching import Batch
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
@@ -88,9 +88,11 @@ def operator_shares(backend: OnnxBackend, batches: list[Batch], top: int = 6) ->
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.intra_op_num_threads = backend.options.intra_op_threads
+    options.log_severity_level = 3
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "headscope-ort-profile")
-    session = ort.InferenceSession(str(backend.export.graph), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(backend.export.graph), options,  # as the backend's
+                                   providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=SLOWER_FUSIONS)
     names = backend.export.names
     for batch in batches:
         inputs = graph_inputs(batch, names)

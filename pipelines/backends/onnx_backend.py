@@ -142,6 +142,7 @@ class OnnxBackend:
     def _session(self, ort, device: str):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: not its notes on unused initializers
         opts.intra_op_num_threads = self.options.intra_op_threads
         opts.inter_op_num_threads = self.options.inter_op_threads
         # Idle ONNX Runtime threads would otherwise spin after each run and take the cores

@@ -159,3 +159,13 @@ def test_ablate_cli_writes_head_importance(tmp_path: Path, gpt2_dir: Path) -> No
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "layer 9 is out of range" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_documented_pandas_recipes_run(analysed: Path, capsys: pytest.CaptureFixture) -> None:
+    """docs/analysis.md's recipe block, run as written on a real analysed dataset."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "analysis.md").read_text()
+    code = text.split("## Recipes", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"runs/a"', repr(str(analysed))).replace('"j1"', '"d4"')
+    exec(compile(code, "docs/analysis.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "attends_to" in printed and "js_distance" in printed
