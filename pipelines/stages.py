@@ -125,8 +125,8 @@ def _word_attention_table(batch: Batch, attn: torch.Tensor, config: RunConfig,
     mode, full = config.attention, config.attention.kind == "full"
     if mode.kind == "none":
         return schema.word_attention_schema(full).empty_table(), np.zeros(0, np.int64)
-    member = words.membership(batch.windows, attn.shape[-1], attn.device)  # [B, S, W]
-    word_attn, word_valid = words.word_attention(attn, member)  # [L, B, H, W, W], [B, W]
+    index = words.word_index(batch.windows, attn.shape[-1], attn.device)  # [B, S]
+    word_attn, word_valid = words.word_attention(attn, index)  # [L, B, H, W, W], [B, W]
     order = row_order(word_attn, mode.k if mode.kind == "topk" else None)
     kept = kept_weights(word_attn, word_valid, causal, mode, order.kth_largest)
     columns = {**_keys(batch.windows, kept["batch_index"]), "layer": kept["layer"],

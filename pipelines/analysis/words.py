@@ -55,23 +55,33 @@ def _surface(window: Window, start: int, end: int) -> str:
     return (text or "")[window.char_start[start]: window.char_end[end - 1]]
 
 
-def membership(windows: list[Window], length: int, device: torch.device) -> torch.Tensor:
-    """[B, S, W] float32 one-hot: position s of window b belongs to word w (pads: none)."""
-    words = [word_of_token(w) for w in windows]
-    width = max(int(w[-1]) + 1 for w in words)
-    member = torch.zeros((len(windows), length, width), dtype=torch.float32)
-    for row, word in enumerate(words):
-        member[row, torch.arange(len(word)), torch.from_numpy(word)] = 1.0
-    return member.to(device)
+def word_index(windows: list[Window], length: int, device: torch.device) -> torch.Tensor:
+    """[B, S] int64: the word of every position, and S (no word can have it) on padding."""
+    index = torch.full((len(windows), length), length, dtype=torch.int64)
+    for row, window in enumerate(windows):
+        index[row, : window.n_tokens] = torch.from_numpy(word_of_token(window))
+    return index.to(device)
 
 
-def word_attention(attn: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def word_attention(attn: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Word-to-word attention [L, B, H, W, W] and the valid words [B, W].
 
-    ``attn`` is [L, B, H, S, S] with zeros on pad keys; ``member`` is [B, S, W].
+    ``attn`` is [L, B, H, S, S] with zeros on pad keys; ``index`` is [B, S] from
+    :func:`word_index`. Two scatter-adds (over keys, then over queries) merge the pieces;
+    padding goes to one extra slot, dropped at the end.
     """
-    pieces = member.sum(1)  # [B, W] tokens per word, 0 for words a window does not have
-    to_words = attn @ member[None, :, None]  # [L, B, H, S, W]: summed over each key word
-    from_words = member.transpose(1, 2)[None, :, None] @ to_words  # [L, B, H, W, W]: summed rows
-    mean_rows = from_words / pieces.clamp(min=1)[None, :, None, :, None]
+    layers, size, heads, length, _ = attn.shape
+    padding = index == length
+    words = int(index.masked_fill(padding, -1).max()) + 1  # W, in the widest window
+    index = index.masked_fill(padding, words)  # padding → slot W
+    keys = index[None, :, None, None, :].expand(layers, size, heads, length, length)
+    to_words = attn.new_zeros((layers, size, heads, length, words + 1))  # [L, B, H, S, W+1]
+    to_words.scatter_add_(-1, keys, attn)
+    queries = index[None, :, None, :, None].expand(layers, size, heads, length, words + 1)
+    summed = attn.new_zeros((layers, size, heads, words + 1, words + 1))
+    summed.scatter_add_(-2, queries, to_words)  # [L, B, H, W+1, W+1]
+    pieces = torch.zeros((size, words + 1), dtype=attn.dtype, device=attn.device)
+    pieces.scatter_add_(1, index, torch.ones_like(attn[0, :, 0, 0]))
+    pieces = pieces[:, :words]  # [B, W]: tokens per word, 0 where a window has fewer words
+    mean_rows = summed[..., :words, :words] / pieces.clamp(min=1)[None, :, None, :, None]
     return mean_rows, pieces > 0

@@ -56,8 +56,8 @@ def test_word_attention_matches_loops_over_the_tokenizer_word_ids(
     windows = [windower.windows(doc)[0] for doc in docs(backend)]
     batch = collate(windows, backend.info.pad_token_id)
     attn = backend.attentions(batch)  # [L, B, H, S, S]
-    member = words.membership(windows, attn.shape[-1], attn.device)
-    word_attn, word_valid = words.word_attention(attn, member)
+    index = words.word_index(windows, attn.shape[-1], attn.device)
+    word_attn, word_valid = words.word_attention(attn, index)
     for row, (window, doc) in enumerate(zip(windows, docs(backend), strict=True)):
         groups = reference_groups(backend, doc)
         assert len(groups) == int(word_valid[row].sum()) <= window.n_tokens
