@@ -20,9 +20,10 @@ from pipelines.analysis.ablation import (
     head_importance,
     load_for_ablation,
 )
-from pipelines.config import ConfigError, WindowConfig
-from pipelines.inputs import Columns, InputError, expand, read_documents, validate
-from pipelines.tokenize import Window, Windower
+from pipelines.config import WindowConfig
+from pipelines.inputs import Columns, expand, read_documents, validate
+from pipelines.job import document_windows
+from pipelines.tokenize import Windower
 from pipelines.writer import DatasetWriter, atomic_write_parquet, part_name
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,6 @@ METRIC_DEFINITIONS = {
                              "unablated final hidden state)",
     "representation_l2": "mean over valid tokens of the L2 distance to the unablated state",
 }
-
-
-def _windows(files: list[Path], columns: Columns, windower: Windower) -> list[Window]:
-    out = []
-    for doc in read_documents(files, columns):
-        try:
-            out.extend(windower.windows(doc))
-        except ConfigError as exc:
-            raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
-    return out
 
 
 def run_ablation(inputs: list[str | Path], out: str | Path, model: str = "minilm",
@@ -61,7 +52,8 @@ def run_ablation(inputs: list[str | Path], out: str | Path, model: str = "minilm
     bundle = load_for_ablation(model, device)
     info = bundle.info
     masks = [HeadMask.parse(text, info.num_layers, info.num_heads) for text in heads or []]
-    found = _windows(files, columns, Windower(bundle.tokenizer, info, windows))
+    windower = Windower(bundle.tokenizer, info, windows)
+    found = [w for doc in read_documents(files, columns) for w in document_windows(windower, doc)]
     tokens = sum(w.n_tokens for w in found)
     count = len(masks) or info.num_layers * info.num_heads
     log.info("ablation: %d documents, %d windows, %d tokens; %d ablations + 1 baseline = "

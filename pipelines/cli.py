@@ -24,11 +24,35 @@ from pipelines.writer import OutputError
 USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
 
 
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    """INPUT files, how long documents are windowed, and which columns hold the text."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".txt (one document per line), .jsonl, .csv, .parquet, or a folder")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per window incl. special tokens (default: the model's limit)")
+    parser.add_argument("--stride", type=int, default=64,
+                        help="tokens shared by consecutive windows of a long document "
+                             "(default 64)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="cut long documents once instead of windowing them (recorded per "
+                             "row)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--id-column", default="id")
+    parser.add_argument("--pair-column", default="text_pair")
+
+
+def _window_config(args: argparse.Namespace) -> WindowConfig:
+    return WindowConfig(args.max_length, args.stride, args.truncate)
+
+
+def _columns(args: argparse.Namespace) -> Columns:
+    return Columns(args.text_column, args.id_column, args.pair_column)
+
+
 def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a corpus job and write a Parquet dataset",
                          description="Run a corpus job: INPUT files or folders → Parquet dataset.")
-    run.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help=".txt (one document per line), .jsonl, .csv, .parquet, or a folder")
+    _add_input_options(run)
     run.add_argument("--out", required=True, help="output folder (must be new or empty)")
     run.add_argument("--model", default="minilm",
                      help=f"registry name ({', '.join(REGISTRY)}), local folder or hub id")
@@ -37,12 +61,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           "an export folder, torch otherwise")
     run.add_argument("--attention", default="topk:8",
                      help="weights to keep: none, topk:K, threshold:T, full (default topk:8)")
-    run.add_argument("--max-length", type=int, default=None,
-                     help="tokens per window incl. special tokens (default: the model's limit)")
-    run.add_argument("--stride", type=int, default=64,
-                     help="tokens shared by consecutive windows of a long document (default 64)")
-    run.add_argument("--truncate", action="store_true",
-                     help="cut long documents once instead of windowing them (recorded per row)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="model dtype; float16/bfloat16 on CUDA only. Statistics are float32")
@@ -61,9 +79,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           "(word-level attention), similarity (head-to-head JS distances)")
     run.add_argument("--similarity-docs", type=int, default=0, metavar="N",
                      help="head similarity over the first N documents only (default 0: all)")
-    run.add_argument("--text-column", default="text")
-    run.add_argument("--id-column", default="id")
-    run.add_argument("--pair-column", default="text_pair")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
     mode.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
@@ -83,14 +98,13 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         attention=AttentionMode.parse(args.attention),
-        windows=WindowConfig(args.max_length, args.stride, args.truncate),
+        windows=_window_config(args),
         batch_tokens=args.batch_tokens, local_window=args.local_window,
         shard_tokens=args.shard_tokens, allow_download=args.allow_download,
         onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
         analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
     )
-    columns = Columns(args.text_column, args.id_column, args.pair_column)
-    result = run_job(args.inputs, args.out, config, columns, resume=args.resume,
+    result = run_job(args.inputs, args.out, config, _columns(args), resume=args.resume,
                      overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {result.out}: {result.documents} documents, {result.windows} windows, "
           f"{result.tokens} tokens in {result.seconds:.1f} s")
@@ -133,21 +147,15 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
         description="Re-run INPUT with each head (or each --heads set) disabled and write a "
                     "head_importance table: change in LM loss (GPT-2), in masked-LM loss "
                     "(BERT with an MLM head) and in the final representations (BERT).")
-    ablate.add_argument("inputs", nargs="+", metavar="INPUT", help="as for `headscope run`")
+    _add_input_options(ablate)
     ablate.add_argument("--out", required=True, help="output folder (must be new or empty)")
     ablate.add_argument("--model", default="minilm",
                         help=f"registry name ({', '.join(REGISTRY)}) or a local folder")
     ablate.add_argument("--heads", action="append", metavar="SET",
                         help='a set of heads disabled together, e.g. "3.5,3.7" or "0.*"; '
                              "repeat for several sets (default: every single head)")
-    ablate.add_argument("--max-length", type=int, default=None)
-    ablate.add_argument("--stride", type=int, default=64)
-    ablate.add_argument("--truncate", action="store_true")
     ablate.add_argument("--seed", type=int, default=0, help="seed of the masked-LM positions")
     ablate.add_argument("--device", default="auto")
-    ablate.add_argument("--text-column", default="text")
-    ablate.add_argument("--id-column", default="id")
-    ablate.add_argument("--pair-column", default="text_pair")
     ablate.add_argument("--overwrite", action="store_true")
     ablate.add_argument("--no-progress", action="store_true")
     ablate.set_defaults(func=_ablate)
@@ -157,8 +165,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from pipelines.ablate import run_ablation
 
     out = run_ablation(args.inputs, args.out, args.model, args.heads,
-                       WindowConfig(args.max_length, args.stride, args.truncate), args.seed,
-                       args.device, Columns(args.text_column, args.id_column, args.pair_column),
+                       _window_config(args), args.seed, args.device, _columns(args),
                        args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}/head_importance")
     return 0

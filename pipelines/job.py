@@ -123,6 +123,14 @@ class Survey:
         return self.attention_rows * ATTENTION_ROW_BYTES
 
 
+def document_windows(windower: Windower, doc: Document) -> list[Window]:
+    """The windows of ``doc``, or an InputError naming its file and line."""
+    try:
+        return windower.windows(doc)
+    except ConfigError as exc:
+        raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
+
+
 def survey(files: list[Path], columns: Columns, windower: Windower, config: RunConfig,
            info: ModelInfo) -> Survey:
     """Tokenise every document once before anything is written.
@@ -134,11 +142,7 @@ def survey(files: list[Path], columns: Columns, windower: Windower, config: RunC
     rows = 0.0
     mode, causal = config.attention, info.causal
     for doc in read_documents(files, columns):
-        try:
-            parts = windower.windows(doc)
-        except ConfigError as exc:
-            raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
-        for window in parts:
+        for window in document_windows(windower, doc):
             n = window.n_tokens
             windows, tokens = windows + 1, tokens + n
             visible = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs

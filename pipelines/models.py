@@ -192,20 +192,29 @@ def load_fast_tokenizer(name: str, source: str, common: dict) -> PreTrainedToken
     return tokenizer
 
 
+def refuse_onnx_export(name: str, source: str, common: dict, remedy: str) -> None:
+    """An export folder holds no PyTorch weights: say so, with ``remedy``, before loading."""
+    if common["local_files_only"] and onnx_metadata(source) is not None:
+        raise ModelError(f"model {name!r} is an ONNX export (no PyTorch weights): {remedy}")
+
+
+def describe_torch(name: str, source: str, config: PretrainedConfig,
+                   tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> ModelInfo:
+    """ModelInfo of a loaded PyTorch model (its forward says whether it takes token types)."""
+    accepts_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    return describe(name, source, config, tokenizer, accepts_types)
+
+
 def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
          allow_download: bool = False) -> LoadedModel:
     """Load tokenizer and PyTorch model with eager attention, in eval mode, on ``device``."""
     source, config, common = load_config(name, allow_download)
-    if common["local_files_only"] and onnx_metadata(source) is not None:
-        raise ModelError(
-            f"model {name!r} is an ONNX export (no PyTorch weights): use the onnx backend "
-            "(--backend onnx or auto), or the source model it was exported from"
-        )
+    refuse_onnx_export(name, source, common, "use the onnx backend (--backend onnx or auto), "
+                                             "or the source model it was exported from")
     tokenizer = load_fast_tokenizer(name, source, common)
     model = AutoModel.from_pretrained(source, attn_implementation="eager", dtype=dtype, **common)
     model.eval().to(device)
-    accepts_types = "token_type_ids" in inspect.signature(model.forward).parameters
-    info = describe(name, source, config, tokenizer, accepts_types)
+    info = describe_torch(name, source, config, tokenizer, model)
     log.info("loaded %s (%s, %d layers × %d heads, max %d tokens) from %s on %s",
              name, info.model_type, info.num_layers, info.num_heads, info.max_length,
              source, device)

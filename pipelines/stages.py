@@ -84,13 +84,13 @@ def _per_head_columns(windows: list[Window], shape: tuple[int, int, int]) -> dic
 
 def _stats_table(windows: list[Window], stats: dict[str, torch.Tensor]) -> pa.Table:
     """Rows in (batch row, layer, head) order."""
-    columns = _per_head_columns(windows, tuple(stats["entropy"].shape))
-    batch_index = np.repeat(np.arange(len(windows)), stats["entropy"].shape[0]
-                            * stats["entropy"].shape[2])
+    layers, _, heads = stats["entropy"].shape
+    columns = _per_head_columns(windows, (layers, len(windows), heads))
     for name in STAT_NAMES:
         values = stats[name].permute(1, 0, 2).cpu().numpy().ravel()
         columns[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN → null
-    columns["n_tokens"] = stats["n_tokens"].cpu().numpy().astype(np.uint16)[batch_index]
+    n_tokens = stats["n_tokens"].cpu().numpy().astype(np.uint16)  # [B]
+    columns["n_tokens"] = np.repeat(n_tokens, layers * heads)
     return pa.table(columns, schema=schema.HEAD_STATS)
 
 
@@ -171,7 +171,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
         rows = torch.ones(len(batch.windows), dtype=torch.bool) if sampled is None \
             else torch.from_numpy(sampled)
         if rows.any():
-            similarity.add(attn[:, rows.to(attn.device)], batch.valid[rows.to(attn.device)])
+            rows = rows.to(attn.device)
+            similarity.add(attn[:, rows], batch.valid[rows])
     if rank is None:
         return tables
     return {name: t.append_column("_rank", pa.array(rank[owners[name]].astype(np.uint32)))

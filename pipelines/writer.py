@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import schema
+from pipelines.analysis.patterns import PATTERN_CLASSES
+from pipelines.analysis.similarity import coordinates
 from pipelines.stats import STAT_NAMES
 
 MANIFEST = "manifest.json"
@@ -177,8 +179,6 @@ class DatasetWriter:
 
 def merge_similarity(parts_dir: Path) -> dict[str, pa.Table]:
     """``head_similarity`` (row-weighted mean over the shards) and ``head_coords`` (2-D MDS)."""
-    from pipelines.analysis.similarity import coordinates
-
     parts = pq.read_table(parts_dir).to_pandas()
     keys = ["layer_a", "head_a", "layer_b", "head_b"]
     parts = parts[parts["n_rows"] > 0]
@@ -208,8 +208,6 @@ def pattern_shares(patterns_dir: Path) -> pd.DataFrame | None:
         return None
     shares = pd.crosstab([frame["layer"], frame["head"]], frame["pattern"].astype(str),
                          normalize="index")
-    from pipelines.analysis.patterns import PATTERN_CLASSES
-
     shares = shares.reindex(columns=list(PATTERN_CLASSES), fill_value=0.0)
     shares.columns = [f"share_{name.replace('+', '_')}" for name in shares.columns]
     return shares.reset_index()

@@ -12,7 +12,6 @@ model's weights and modules are never changed.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import zlib
@@ -344,9 +343,8 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
     register_head_masking()
     torch_device, torch_dtype = resolve_device(device, dtype)
     source, config, common = models.load_config(name, allow_download)
-    if common["local_files_only"] and models.onnx_metadata(source) is not None:
-        raise models.ModelError(f"model {name!r} is an ONNX export; head ablation needs the "
-                                "PyTorch model it was exported from")
+    models.refuse_onnx_export(name, source, common,
+                              "head ablation needs the PyTorch model it was exported from")
     tokenizer = models.load_fast_tokenizer(name, source, common)
     options = {"attn_implementation": HEAD_MASK_ATTENTION, "dtype": torch_dtype, **common}
     causal = config.model_type in models.CAUSAL_TYPES
@@ -368,8 +366,7 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
         model = AutoModel.from_pretrained(source, **options)
         objective = None
     model.eval().to(torch_device)
-    accepts_types = "token_type_ids" in inspect.signature(model.forward).parameters
-    info = models.describe(name, source, config, tokenizer, accepts_types)
+    info = models.describe_torch(name, source, config, tokenizer, model)
     log.info("loaded %s for head ablation (%s, objective %s) on %s", name,
              type(model).__name__, objective, torch_device)
     return AblationModel(info=info, tokenizer=tokenizer, model=model, device=torch_device,

@@ -53,15 +53,20 @@ class ExportedModel:
         return self.folder / self.metadata["graph"]["file"]
 
 
-def open_export(name: str, info: models.ModelInfo) -> ExportedModel:
-    """Check that ``info.path`` holds an export of this very model and read its metadata."""
-    folder = Path(info.path)
+def export_metadata(name: str, folder: str) -> dict:
+    """The metadata of the export in ``folder``, or an error saying how to make one."""
     metadata = models.onnx_metadata(folder)
     if metadata is None:
         raise ModelError(
             f"model {name!r} has no ONNX export in {folder}: run "
             f"`headscope export-onnx --model {name} --out DIR` and use DIR as the model"
         )
+    return metadata
+
+
+def open_export(info: models.ModelInfo, metadata: dict) -> ExportedModel:
+    """Check that the export ``metadata`` describes at ``info.path`` is of this very model."""
+    folder = Path(info.path)
     if metadata.get("format") != FORMAT:
         raise ModelError(f"{folder}: export format {metadata.get('format')!r} is not {FORMAT}")
     source = metadata["source"]
@@ -126,10 +131,10 @@ class OnnxBackend:
         self.options = options or OnnxOptions()
         source, config, common = models.load_config(model)
         self._tokenizer = models.load_fast_tokenizer(model, source, common)
-        graph = (models.onnx_metadata(source) or {}).get("graph", {})
+        metadata = export_metadata(model, source)
         self.info = models.describe(model, source, config, self._tokenizer,
-                                    "token_type_ids" in graph.get("inputs", ()))
-        self.export = open_export(model, self.info)
+                                    "token_type_ids" in metadata["graph"]["inputs"])
+        self.export = open_export(self.info, metadata)
         self.session = self._session(ort, device)
         self.provider = self.session.get_providers()[0]
         self.device = torch.device("cuda", self._cuda_index()) if self.provider == CUDA \
