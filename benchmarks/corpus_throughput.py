@@ -41,7 +41,8 @@ from pipelines.backends import Backend, create_backend
 from pipelines.batching import Batch, collate, plan_batches
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.demo import paragraphs
-from pipelines.job import run_job, shards
+from pipelines.job import run_job
+from pipelines.plan import fill_shards
 from pipelines.reference import all_heads
 from pipelines.tokenize import Document, Window, Windower
 
@@ -166,7 +167,7 @@ def batch_shapes(batches: list[Batch]) -> Counter:
 def shard_groups(corpus: Corpus, windower: Windower, config: RunConfig) -> list[list[Window]]:
     """The windows of each shard, grouped as the job groups documents."""
     docs = (Document(r["id"], r["text"]) for r in corpus.rows)
-    return [ws for _, _, ws in shards(docs, windower, config.shard_tokens)]
+    return [shard.windows for shard in fill_shards(docs, windower, config.shard_tokens)]
 
 
 def planned_shapes(corpus: Corpus, windower: Windower, config: RunConfig) -> Counter:

@@ -22,7 +22,7 @@ from pipelines.analysis.ablation import (
 )
 from pipelines.config import WindowConfig
 from pipelines.inputs import Columns, expand, read_documents, validate
-from pipelines.job import document_windows
+from pipelines.plan import document_windows
 from pipelines.tokenize import Windower
 from pipelines.writer import DatasetWriter, atomic_write_parquet, part_name
 

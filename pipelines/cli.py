@@ -85,6 +85,29 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--allow-download", action="store_true",
                      help="allow fetching --model from a model hub (off: local only)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    engine = run.add_argument_group("engine", "where the job runs")
+    engine.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="local: this process (default); ray: Ray Data on a Ray cluster")
+    engine.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, as set by `ray job "
+                             "submit`, else a new local Ray)")
+    engine.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="inference actors (default 0: one per GPU, or one per CPU)")
+    engine.add_argument("--worker-cpus", type=float, default=0.0, metavar="C",
+                        help="CPUs per actor, fractions allowed (default: share the CPUs)")
+    engine.add_argument("--worker-gpus", type=float, default=None, metavar="G",
+                        help="GPUs per actor (default: 1 when the cluster has GPUs)")
+
+
+def _check_engine_options(args: argparse.Namespace) -> None:
+    ray_only = {"--address": args.address is not None, "--workers": args.workers != 0,
+                "--worker-cpus": args.worker_cpus != 0,
+                "--worker-gpus": args.worker_gpus is not None}
+    given = [name for name, set_ in ray_only.items() if set_]
+    if args.engine == "local" and given:
+        raise ConfigError(f"{', '.join(given)}: only with --engine ray")
+    if args.workers < 0 or args.worker_cpus < 0 or (args.worker_gpus or 0) < 0:
+        raise ConfigError("--workers, --worker-cpus and --worker-gpus cannot be negative")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -95,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.similarity_docs < 0:
         raise ConfigError("--similarity-docs must be 0 (all documents) or positive")
+    _check_engine_options(args)
     config = RunConfig(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         attention=AttentionMode.parse(args.attention),
@@ -104,8 +128,16 @@ def _run(args: argparse.Namespace) -> int:
         onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
         analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
     )
-    result = run_job(args.inputs, args.out, config, _columns(args), resume=args.resume,
-                     overwrite=args.overwrite, progress=not args.no_progress)
+    options = {"resume": args.resume, "overwrite": args.overwrite,
+               "progress": not args.no_progress}
+    if args.engine == "ray":
+        from pipelines.ray_job import RayOptions, run_ray_job
+
+        ray_options = RayOptions(args.address, args.workers, args.worker_cpus, args.worker_gpus)
+        result = run_ray_job(args.inputs, args.out, config, _columns(args), options=ray_options,
+                             **options)
+    else:
+        result = run_job(args.inputs, args.out, config, _columns(args), **options)
     print(f"wrote {result.out}: {result.documents} documents, {result.windows} windows, "
           f"{result.tokens} tokens in {result.seconds:.1f} s")
     return 0

@@ -7,22 +7,24 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipelines import STATS_VERSION, __version__, stages
 from pipelines.analysis.similarity import HeadSimilarity
 from pipelines.backends import Backend, create_backend
-from pipelines.config import ConfigError, RunConfig
-from pipelines.inputs import Columns, InputError, InputSummary, expand, read_documents, validate
+from pipelines.config import RunConfig
+from pipelines.inputs import Columns, InputSummary, expand, read_documents, validate
 from pipelines.models import ModelInfo
+from pipelines.plan import PlanBuilder, ReadUnit, Shard, document_windows, unit_shards
 from pipelines.runtime import keep_freed_memory, release_freed_memory
 from pipelines.schema import SIMILARITY_PARTS
 from pipelines.stats import DEFINITIONS, K90_MASS
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.tokenize import Window, Windower
 from pipelines.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
@@ -38,22 +40,6 @@ class JobResult:
     tokens: int
     seconds: float
     counts: dict[str, int]
-
-
-def shards(docs: Iterator[Document], windower: Windower,
-           shard_tokens: int) -> Iterator[tuple[int, list[Document], list[Window]]]:
-    """Group documents into shards of about ``shard_tokens`` tokens (whole documents)."""
-    index, batch_docs, batch_windows, tokens = 0, [], [], 0
-    for doc in docs:
-        windows = windower.windows(doc)
-        batch_docs.append(doc)
-        batch_windows.extend(windows)
-        tokens += sum(w.n_tokens for w in windows)
-        if tokens >= shard_tokens:
-            yield index, batch_docs, batch_windows
-            index, batch_docs, batch_windows, tokens = index + 1, [], [], 0
-    if batch_docs:
-        yield index, batch_docs, batch_windows
 
 
 def job_key(manifest: dict) -> str:
@@ -112,43 +98,46 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
 
 @dataclass
 class Survey:
-    """Exact windows and tokens of a corpus, and the output size they imply."""
+    """Exact windows and tokens of a corpus, the output size they imply, and the shard plan."""
 
     windows: int
     tokens: int
     attention_rows: float  # NaN for threshold mode (depends on the weights)
+    units: list[ReadUnit]
 
     @property
     def attention_bytes(self) -> float:
         return self.attention_rows * ATTENTION_ROW_BYTES
 
-
-def document_windows(windower: Windower, doc: Document) -> list[Window]:
-    """The windows of ``doc``, or an InputError naming its file and line."""
-    try:
-        return windower.windows(doc)
-    except ConfigError as exc:
-        raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
+    @property
+    def shards(self) -> int:
+        return self.units[-1].shard_indices.stop if self.units else 0
 
 
 def survey(files: list[Path], columns: Columns, windower: Windower, config: RunConfig,
            info: ModelInfo) -> Survey:
     """Tokenise every document once before anything is written.
 
-    A document that cannot be windowed stops the job here, naming its file and line, and the
-    counts give an exact size estimate and a progress total.
+    A document that cannot be windowed stops the job here, naming its file and line; the
+    counts give an exact size estimate and a progress total, and fix the shard plan.
     """
     windows = tokens = 0
     rows = 0.0
     mode, causal = config.attention, info.causal
-    for doc in read_documents(files, columns):
-        for window in document_windows(windower, doc):
-            n = window.n_tokens
-            windows, tokens = windows + 1, tokens + n
-            visible = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs
-            rows += {"none": 0.0, "topk": min(visible, n * mode.k), "full": visible,
-                     "threshold": float("nan")}[mode.kind]
-    return Survey(windows, tokens, rows * info.num_layers * info.num_heads)
+    plan = PlanBuilder(config.shard_tokens)
+    for path in files:
+        for doc in read_documents([path], columns):
+            doc_tokens = 0
+            for window in document_windows(windower, doc):
+                n = window.n_tokens
+                windows, doc_tokens = windows + 1, doc_tokens + n
+                visible = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs
+                rows += {"none": 0.0, "topk": min(visible, n * mode.k), "full": visible,
+                         "threshold": float("nan")}[mode.kind]
+            tokens += doc_tokens
+            plan.add_document(doc_tokens)
+        plan.end_file(path)
+    return Survey(windows, tokens, rows * info.num_layers * info.num_heads, plan.finish())
 
 
 def _log_survey(found: Survey, summary: InputSummary, config: RunConfig) -> None:
@@ -161,67 +150,99 @@ def _log_survey(found: Survey, summary: InputSummary, config: RunConfig) -> None
         log.info("skipped %d blank lines (recorded in the manifest)", summary.skipped_blank_lines)
 
 
-def _similarity(backend: Backend, config: RunConfig) -> HeadSimilarity | None:
-    if "similarity" not in config.analyses:
-        return None
-    return HeadSimilarity(backend.info.num_layers, backend.info.num_heads)
+def shard_tables(backend: Backend, shard: Shard, config: RunConfig,
+                 on_batch: Callable[[list[Window]], object] | None = None) -> dict[str, pa.Table]:
+    """Every table of one shard (the similarity partials included when asked for)."""
+    similarity = None
+    if "similarity" in config.analyses:
+        similarity = HeadSimilarity(backend.info.num_layers, backend.info.num_heads)
+    limit = config.similarity_docs or float("inf")  # the first N documents of the corpus
+    sampled = {doc.doc_id for index, doc in enumerate(shard.docs, shard.first_doc)
+               if index < limit}
+    tables = stages.analyse_windows(backend, shard.windows, config, on_batch=on_batch,
+                                    similarity=similarity,
+                                    in_sample=lambda w: w.doc.doc_id in sampled)
+    if similarity is not None:
+        tables[SIMILARITY_PARTS] = similarity.to_table()
+    return tables
 
 
-def _sampled(docs: list[Document], first_index: int, config: RunConfig) -> set[str]:
-    """doc_ids of this shard that the head similarity uses (the first N of the corpus)."""
-    limit = config.similarity_docs or float("inf")
-    return {doc.doc_id for index, doc in enumerate(docs, first_index) if index < limit}
+@dataclass
+class Prepared:
+    """A job checked, surveyed and opened: what every engine needs before the first shard."""
+
+    files: list[Path]
+    summary: InputSummary
+    found: Survey
+    manifest: dict
+    finished: set[int]
+    writer: DatasetWriter
 
 
-def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None = None,
-            columns: Columns | None = None, resume: bool = False, overwrite: bool = False,
-            backend: Backend | None = None, progress: bool = True) -> JobResult:
-    """Run a corpus job and return what it wrote. Validates every input before writing."""
-    started = time.perf_counter()
-    config, columns = config or RunConfig(), columns or Columns()
-    keep_freed_memory()
-    writer = DatasetWriter(out)
-    writer.check(resume=resume, overwrite=overwrite)
+def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
+            config: RunConfig, columns: Columns, resume: bool, overwrite: bool) -> Prepared:
+    """Validate the inputs, survey them, and open the output folder with its manifest."""
     files = expand(inputs)
     summary = validate(files, columns)
-    backend = backend or create_backend(config.backend, config.model, config.device,
-                                        config.dtype, config.allow_download, config.onnx)
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     found = survey(files, columns, windower, config, backend.info)
     _log_survey(found, summary, config)
     manifest = build_manifest(backend, config, summary, columns)
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
     if finished:
-        log.info("resuming: %d shards already written", len(finished))
-    n_docs = n_windows = n_tokens = 0
-    bar = tqdm(total=found.tokens, unit="tok", unit_scale=True, disable=not progress,
-               dynamic_ncols=True, desc="tokens")
-    for shard, docs, windows in shards(read_documents(files, columns), windower,
-                                       config.shard_tokens):
-        shard_tokens = sum(w.n_tokens for w in windows)
-        if shard in finished:
-            bar.update(shard_tokens)
-        else:
-            similarity = _similarity(backend, config)
-            sampled = _sampled(docs, n_docs, config)
-            tables = stages.analyse_windows(
-                backend, windows, config,
-                on_batch=lambda done: bar.update(sum(w.n_tokens for w in done)),
-                similarity=similarity, in_sample=lambda w, ids=sampled: w.doc.doc_id in ids)
-            if similarity is not None:
-                tables[SIMILARITY_PARTS] = similarity.to_table()
-            writer.write_shard(shard, tables)  # already in sort order
+        log.info("resuming: %d of %d shards already written", len(finished), found.shards)
+    return Prepared(files, summary, found, manifest, finished, writer)
+
+
+def finish(job: Prepared, started: float) -> JobResult:
+    """Write the corpus-level tables and the complete manifest; log and return the result."""
+    summary, found = job.summary, job.found
+    job.manifest["counts_input"] = {"documents": summary.documents, "windows": found.windows,
+                                    "tokens": found.tokens}
+    job.writer.finish(job.manifest)
+    seconds = time.perf_counter() - started
+    log.info("wrote %s: %d documents, %d windows, %d tokens in %.1f s", job.writer.root,
+             summary.documents, found.windows, found.tokens, seconds)
+    return JobResult(job.writer.root, summary.documents, found.windows, found.tokens, seconds,
+                     job.manifest["counts"])
+
+
+def progress_bar(found: Survey, progress: bool) -> tqdm:
+    return tqdm(total=found.tokens, unit="tok", unit_scale=True, disable=not progress,
+                dynamic_ncols=True, desc="tokens")
+
+
+def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None = None,
+            columns: Columns | None = None, resume: bool = False, overwrite: bool = False,
+            backend: Backend | None = None, progress: bool = True) -> JobResult:
+    """Run a corpus job in this process and return what it wrote.
+
+    Validates every input before writing; shards follow the plan of the survey.
+    """
+    started = time.perf_counter()
+    config, columns = config or RunConfig(), columns or Columns()
+    keep_freed_memory()
+    writer = DatasetWriter(out)
+    writer.check(resume=resume, overwrite=overwrite)
+    backend = backend or create_backend(config.backend, config.model, config.device,
+                                        config.dtype, config.allow_download, config.onnx)
+    job = prepare(inputs, writer, backend, config, columns, resume, overwrite)
+    job.manifest["runtime"]["engine"] = "local"
+    windower = Windower(backend.tokenizer, backend.info, config.windows)
+    bar = progress_bar(job.found, progress)
+    for unit in job.found.units:
+        if job.finished.issuperset(unit.shard_indices):
+            bar.update(unit.tokens)
+            continue
+        for shard in unit_shards(unit, columns, windower, config.shard_tokens):
+            if shard.index in job.finished:
+                bar.update(shard.tokens)
+                continue
+            tables = shard_tables(backend, shard, config, on_batch=lambda done: bar.update(
+                sum(w.n_tokens for w in done)))
+            writer.write_shard(shard.index, tables)  # already in sort order
             del tables
             release_freed_memory()
-        n_docs, n_windows, n_tokens = n_docs + len(docs), n_windows + len(windows), \
-            n_tokens + shard_tokens
-        bar.set_postfix(docs=f"{n_docs}/{summary.documents}", shard=shard)
+            bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
     bar.close()
-    manifest["counts_input"] = {"documents": summary.documents, "windows": n_windows,
-                                "tokens": n_tokens}
-    writer.finish(manifest)
-    seconds = time.perf_counter() - started
-    log.info("wrote %s: %d documents, %d windows, %d tokens in %.1f s", out,
-             summary.documents, n_windows, n_tokens, seconds)
-    return JobResult(Path(out), summary.documents, n_windows, n_tokens, seconds,
-                     manifest["counts"])
+    return finish(job, started)

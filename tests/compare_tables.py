@@ -5,9 +5,12 @@ Shared by the worker and HTTP tests (imported as a plain module, like ``conftest
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines import schema
 from pipelines.config import AttentionMode
@@ -103,3 +106,26 @@ def assert_same_tables(got: dict[str, pa.Table], want: dict[str, pa.Table],
     assert_attention_equal(got["attention"], want["attention"],
                            atol=1e-3 if parsed.kind == "full" else STAT_ATOL,
                            threshold=parsed.threshold if parsed.kind == "threshold" else None)
+
+
+def assert_datasets_equal(got: Path, want: Path, atol: float) -> None:
+    """Every table of two dataset folders: the same rows after sorting, floats within ``atol``.
+
+    Strings, integers and booleans must be identical; float columns may differ by ``atol``.
+    """
+    tables = sorted(p.name for p in want.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert tables == sorted(p.name for p in got.iterdir()
+                            if p.is_dir() and not p.name.startswith("."))
+    for name in tables:
+        if name.startswith("_"):  # bookkeeping: shard markers, similarity partials
+            continue
+        left, right = pq.read_table(got / name), pq.read_table(want / name)
+        assert left.schema == right.schema, name
+        keys = [c for c in left.column_names if not pa.types.is_floating(left.schema.field(c).type)]
+        left = left.sort_by([(k, "ascending") for k in keys]).to_pandas()
+        right = right.sort_by([(k, "ascending") for k in keys]).to_pandas()
+        pd.testing.assert_frame_equal(left[keys], right[keys], obj=name)
+        for column in left.columns.difference(keys):
+            np.testing.assert_allclose(left[column].to_numpy(float), right[column].to_numpy(float),
+                                       rtol=0, atol=atol, equal_nan=True,
+                                       err_msg=f"{name}.{column}")

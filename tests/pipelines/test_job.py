@@ -21,8 +21,8 @@ import pytest
 from pipelines import schema
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
-from pipelines.inputs import expand, read_documents
-from pipelines.job import run_job, shards
+from pipelines.inputs import Columns, expand
+from pipelines.job import run_job, survey
 from pipelines.stats import DEFINITIONS, STAT_NAMES
 from pipelines.tokenize import Windower
 
@@ -151,7 +151,7 @@ def test_manifest_describes_the_job(e2e: Path, minilm: TorchBackend, corpus: lis
 def test_one_part_per_shard_and_table(e2e: Path, minilm: TorchBackend,
                                       corpus: list[Path]) -> None:
     windower = Windower(minilm.tokenizer, minilm.info, E2E_CONFIG.windows)
-    expected = len(list(shards(read_documents(expand(corpus)), windower, 40)))
+    expected = survey(expand(corpus), Columns(), windower, E2E_CONFIG, minilm.info).shards
     assert expected > 1
     assert len(markers(e2e)) == expected
     for table in schema.TABLES:
