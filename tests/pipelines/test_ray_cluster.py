@@ -40,6 +40,7 @@ CONFIG = RunConfig(device="cpu", attention=AttentionMode.parse("topk:4"), shard_
 class Cluster:
     address: str
     worker_port: int  # node-manager port of the second node: finds its raylet
+    dashboard: str  # the job server's URL, for `ray job submit`
 
     def start_worker(self) -> None:
         run([RAY, "start", f"--address={self.address}",
@@ -64,9 +65,10 @@ def run(command: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    port = free_port()
-    run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *NODE_OPTIONS])
-    found = Cluster(f"127.0.0.1:{port}", free_port())
+    port, dashboard = free_port(), free_port()
+    run([RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", *NODE_OPTIONS])
+    found = Cluster(f"127.0.0.1:{port}", free_port(), f"http://127.0.0.1:{dashboard}")
     try:
         found.start_worker()
         deadline = time.monotonic() + 60
@@ -135,6 +137,16 @@ def test_actors_run_on_both_nodes(cluster: Cluster, corpus: Path, reference: Pat
     assert set(runtime["shards_by_node"]) == cluster.node_ids()
     assert all(count > 0 for count in runtime["shards_by_node"].values())
     assert_datasets_equal(tmp_path / "out", reference, atol=1e-6)
+
+
+def test_ray_job_submit(cluster: Cluster, corpus: Path, reference: Path,
+                        tmp_path: Path) -> None:
+    """The documented way to run on a cluster: the job finds it through RAY_ADDRESS."""
+    out = tmp_path / "out"
+    run([RAY, "job", "submit", "--address", cluster.dashboard, "--", HEADSCOPE, "run",
+         str(corpus), "--out", str(out), "--engine", "ray", *JOB_OPTIONS])
+    assert manifest(out)["runtime"]["engine"] == "ray"
+    assert_datasets_equal(out, reference, atol=1e-6)
 
 
 def test_an_inference_actor_killed_mid_job(cluster: Cluster, corpus: Path, reference: Path,
