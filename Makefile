@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/corpus_throughput.py
 	$(BIN)/python benchmarks/backends.py
 	$(BIN)/python benchmarks/analyses.py
+	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:

@@ -79,6 +79,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           "(word-level attention), similarity (head-to-head JS distances)")
     run.add_argument("--similarity-docs", type=int, default=0, metavar="N",
                      help="head similarity over the first N documents only (default 0: all)")
+    run.add_argument("--capture-qk", action="store_true",
+                     help="store every head's query and key vectors per token (qk table, for "
+                          "the neuron view; large: 2 × head size floats per token and head)")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
     mode.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
@@ -127,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         shard_tokens=args.shard_tokens, allow_download=args.allow_download,
         onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
         analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
+        capture_qk=args.capture_qk,
     )
     options = {"resume": args.resume, "overwrite": args.overwrite,
                "progress": not args.no_progress}

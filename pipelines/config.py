@@ -123,6 +123,8 @@ class RunConfig:
     analyses: tuple[str, ...] = ()
     #: Head similarity over the first N documents only (0: all of them).
     similarity_docs: int = 0
+    #: Store every head's query and key vectors per token (``qk`` table, for the neuron view).
+    capture_qk: bool = False
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

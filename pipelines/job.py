@@ -140,12 +140,17 @@ def survey(files: list[Path], columns: Columns, windower: Windower, config: RunC
     return Survey(windows, tokens, rows * info.num_layers * info.num_heads, plan.finish())
 
 
-def _log_survey(found: Survey, summary: InputSummary, config: RunConfig) -> None:
+def _log_survey(found: Survey, summary: InputSummary, config: RunConfig,
+                info: ModelInfo) -> None:
     rows = found.attention_rows
     size = ("size depends on the weights (threshold mode)" if rows != rows
             else f"{rows:,.0f} rows, ~{found.attention_bytes / 1e6:,.1f} MB before compression")
     log.info("input: %d documents → %d windows, %d tokens; attention %s: %s",
              summary.documents, found.windows, found.tokens, config.attention, size)
+    if config.capture_qk:
+        vectors = found.tokens * info.num_layers * info.num_heads
+        log.info("query/key capture: %s rows, ~%.1f MB before compression", f"{vectors:,}",
+                 vectors * (2 * info.head_dim + 1) * 4 / 1e6)
     if summary.skipped_blank_lines:
         log.info("skipped %d blank lines (recorded in the manifest)", summary.skipped_blank_lines)
 
@@ -182,11 +187,12 @@ class Prepared:
 def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
             config: RunConfig, columns: Columns, resume: bool, overwrite: bool) -> Prepared:
     """Validate the inputs, survey them, and open the output folder with its manifest."""
+    stages.check_capture(backend, config)
     files = expand(inputs)
     summary = validate(files, columns)
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     found = survey(files, columns, windower, config, backend.info)
-    _log_survey(found, summary, config)
+    _log_survey(found, summary, config, backend.info)
     manifest = build_manifest(backend, config, summary, columns)
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
     if finished:

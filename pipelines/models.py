@@ -69,6 +69,7 @@ class ModelInfo:
     sep_token_id: int | None
     pad_token_id: int
     accepts_token_type_ids: bool
+    head_dim: int = 0  # size of each head's query/key vectors
 
 
 @dataclass
@@ -141,6 +142,7 @@ def describe(name: str, path: str, config: PretrainedConfig, tokenizer: PreTrain
         sep_token_id=None if causal else tokenizer.sep_token_id,
         pad_token_id=int(pad_id),
         accepts_token_type_ids=(not causal) and accepts_token_type_ids,
+        head_dim=config.hidden_size // config.num_attention_heads,
     )
 
 

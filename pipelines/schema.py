@@ -12,7 +12,9 @@ ANALYSIS_TABLES = ("head_patterns", "words", "word_attention")
 #: Per-shard partial head similarities; underscore folders are not part of the dataset
 #: that pandas/pyarrow read, and are merged into ``head_similarity`` when the job finishes.
 SIMILARITY_PARTS = "_similarity"
-SHARD_TABLES = (*TABLES, *ANALYSIS_TABLES, SIMILARITY_PARTS)
+#: Tables of captured model internals (``--capture-qk``).
+CAPTURE_TABLES = ("qk",)
+SHARD_TABLES = (*TABLES, *ANALYSIS_TABLES, *CAPTURE_TABLES, SIMILARITY_PARTS)
 #: Sort keys of each table; row groups follow this order so filters prune them.
 SORT_KEYS: dict[str, list[str]] = {
     "documents": ["doc_id", "window"],
@@ -22,11 +24,13 @@ SORT_KEYS: dict[str, list[str]] = {
     "head_patterns": ["doc_id", "window", "layer", "head"],
     "words": ["doc_id", "window", "word"],
     "word_attention": ["doc_id", "window", "layer", "head", "query_word", "key_word"],
+    "qk": ["doc_id", "window", "layer", "head", "position"],
     SIMILARITY_PARTS: ["layer_a", "head_a", "layer_b", "head_b"],
 }
 ROW_GROUP_ROWS: dict[str, int] = {
     "documents": 65536, "tokens": 131072, "head_stats": 65536, "attention": 262144,
     "head_patterns": 65536, "words": 131072, "word_attention": 262144,
+    "qk": 16384,
     SIMILARITY_PARTS: 65536,
 }
 
@@ -106,3 +110,11 @@ _PAIR = [("layer_a", pa.uint8()), ("head_a", pa.uint8()), ("layer_b", pa.uint8()
 HEAD_SIMILARITY = pa.schema(_PAIR + [("js_distance", pa.float32()), ("n_rows", pa.int64())])
 HEAD_COORDS = pa.schema([("layer", pa.uint8()), ("head", pa.uint8()), ("x", pa.float32()),
                          ("y", pa.float32())])
+
+
+def qk_schema(head_dim: int) -> pa.Schema:
+    """One row per (window, layer, head, position): the projected query and key vectors and
+    the factor the model scales their dot product by before the softmax."""
+    vector = pa.list_(pa.float32(), head_dim)
+    return pa.schema(_KEYS + [("position", pa.uint16()), ("query", vector), ("key", vector),
+                              ("scale", pa.float32())])

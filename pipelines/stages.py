@@ -14,11 +14,12 @@ import torch
 
 from pipelines import schema
 from pipelines.analysis import words
+from pipelines.analysis.ablation import QueryKey, capture_queries_keys
 from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds, classify, pattern_scores
 from pipelines.analysis.similarity import HeadSimilarity
 from pipelines.backends.base import Backend
 from pipelines.batching import Batch, collate, plan_batches
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.reduce import kept_weights
 from pipelines.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
 from pipelines.tokenize import Window
@@ -119,6 +120,39 @@ def _patterns_table(batch: Batch, attn: torch.Tensor, causal: bool,
     return pa.table(columns, schema=schema.HEAD_PATTERNS)
 
 
+def _qk_table(batch: Batch, captured: list[QueryKey]) -> tuple[pa.Table, np.ndarray]:
+    """Every valid position's query and key vectors, per layer and head, and each row's batch
+    row. Rows in (batch row, layer, head, position) order."""
+    query = torch.stack([q for q, _, _ in captured]).float()  # [L, B, H, S, d]
+    key = torch.stack([k for _, k, _ in captured]).float()  # [L, B, H, S, d]
+    scale = np.array([s for _, _, s in captured], dtype=np.float32)  # [L]
+    layers, _, heads, _, dim = query.shape
+    lengths = batch.valid.sum(dim=1).tolist()  # [B]
+    # per window: [L, H, n, d] flattened to (layer, head, position) rows
+    queries = torch.cat([query[:, b, :, :n].reshape(-1, dim) for b, n in enumerate(lengths)])
+    keys = torch.cat([key[:, b, :, :n].reshape(-1, dim) for b, n in enumerate(lengths)])
+    layer = np.concatenate([np.repeat(np.arange(layers), heads * n) for n in lengths])
+    head = np.concatenate([np.tile(np.repeat(np.arange(heads), n), layers) for n in lengths])
+    position = np.concatenate([np.tile(np.arange(n), layers * heads) for n in lengths])
+    owner = np.repeat(np.arange(len(lengths)), [layers * heads * n for n in lengths])
+
+    def vectors(rows: torch.Tensor) -> pa.Array:  # [rows, d] → fixed-size lists
+        flat = pa.array(rows.cpu().numpy().ravel(), pa.float32())
+        return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+    columns = {**_keys(batch.windows, owner), "layer": layer.astype(np.uint8),
+               "head": head.astype(np.uint8), "position": position.astype(np.uint16),
+               "query": vectors(queries), "key": vectors(keys), "scale": scale[layer]}
+    return pa.table(columns, schema=schema.qk_schema(dim)), owner
+
+
+def check_capture(backend: Backend, config: RunConfig) -> None:
+    """Query/key capture reads PyTorch's attention inputs: refuse it on other backends."""
+    if config.capture_qk and backend.name != "torch":
+        raise ConfigError(f"--capture-qk needs the torch backend (this job runs {backend.name}); "
+                          "use --backend torch with the source model")
+
+
 def _word_attention_table(batch: Batch, attn: torch.Tensor, config: RunConfig,
                           causal: bool) -> tuple[pa.Table, np.ndarray]:
     """The kept word-to-word weights in the job's attention mode, and each row's batch row."""
@@ -146,7 +180,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
     holding its window's rank, for ordering rows across batches. ``similarity`` accumulates
     the head distances of the batch rows that ``sampled`` ([B] bool, default all) selects.
     """
-    attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
+    with capture_queries_keys() as captured:  # filled only by the torch backend
+        attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
     batch = batch.to(attn.device)
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
     mode, info = config.attention, backend.info
@@ -167,6 +202,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
     if "words" in config.analyses:
         tables["word_attention"], owners["word_attention"] = _word_attention_table(
             batch, attn, config, info.causal)
+    if config.capture_qk:
+        tables["qk"], owners["qk"] = _qk_table(batch, captured)
     if similarity is not None:
         rows = torch.ones(len(batch.windows), dtype=torch.bool) if sampled is None \
             else torch.from_numpy(sampled)

@@ -170,6 +170,9 @@ class _MaskState:
 
 
 _ACTIVE: ContextVar[_MaskState | None] = ContextVar("headscope_head_mask", default=None)
+#: While set, every attention call appends its (query, key, scaling); query/key [B, H, S, d].
+QueryKey = tuple[torch.Tensor, torch.Tensor, float]
+_QK_SINK: ContextVar[list[QueryKey] | None] = ContextVar("headscope_qk_sink", default=None)
 _EAGER: dict[type, Callable] = {}
 
 
@@ -202,6 +205,11 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         context, probs = _eager_attention(module)(module, query, key, value, attention_mask,
                                                   **kwargs)
     # context: [B, Sq, H, d]; probs: [B, H, Sq, Sk]
+    sink = _QK_SINK.get()
+    if sink is not None:  # capture_queries_keys(): this layer's projected queries and keys
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) \
+            or query.shape[-1] ** -0.5
+        sink.append((query.detach(), key.detach(), float(scaling)))
     state = _ACTIVE.get()
     if state is None or state.calls is None:  # not inside a masked forward pass
         return context, probs
@@ -232,6 +240,21 @@ def _end_forward(module: nn.Module, args: tuple, output: object) -> None:
     if calls != len(state.keep):
         raise RuntimeError(f"attention ran {calls} times in a forward pass of a "
                            f"{len(state.keep)}-layer model; the head mask was not applied fully")
+
+
+@contextmanager
+def capture_queries_keys() -> Iterator[list[QueryKey]]:
+    """Within the block, attention calls of head-masking models append (query, key, scaling).
+
+    Query and key are the projected per-head vectors the eager attention multiplies,
+    [B, H, S, d], in layer order; softmax(query @ key.T * scaling + mask) is the attention.
+    """
+    sink: list[QueryKey] = []
+    token = _QK_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _QK_SINK.reset(token)
 
 
 def register_head_masking() -> None:
