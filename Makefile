@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.headscope-installed
 
-.PHONY: setup serve demo test lint bench clean
+.PHONY: setup browser serve demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,15 @@ serve: setup
 demo: setup
 	$(BIN)/headscope demo --out demo_out
 
-test: setup
+# The browser tests drive Debian's Chromium (never a browser downloaded by a test tool).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(BIN)/ruff check pipelines service tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -38,6 +38,7 @@ class DocumentJob:
     local_window: int
     analyses: tuple[str, ...] = ()
     disable_heads: str | None = None  # HeadMask text, e.g. "3.5,0.*"
+    capture_qk: bool = False  # also the qk table (torch backend only)
 
 
 def _tag(windows: list[Window], key: str) -> list[Window]:
@@ -72,11 +73,11 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
     results: list[dict[str, pa.Table] | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
-        key = (job.attention, job.local_window, job.analyses, job.disable_heads)
+        key = (job.attention, job.local_window, job.analyses, job.disable_heads, job.capture_qk)
         groups.setdefault(key, []).append(index)
-    for (attention, local_window, analyses, disable_heads), members in groups.items():
+    for (attention, local_window, analyses, disable_heads, qk), members in groups.items():
         config = RunConfig(attention=AttentionMode.parse(attention), local_window=local_window,
-                           batch_tokens=batch_tokens, analyses=analyses)
+                           batch_tokens=batch_tokens, analyses=analyses, capture_qk=qk)
         windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
         with disabled_heads(backend, disable_heads):
             tables = stages.model_tables(backend, windows, config)

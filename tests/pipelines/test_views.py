@@ -1,0 +1,383 @@
+"""Attention views: the payload built from real datasets, and the self-contained HTML page.
+
+The helpers here (datasets, query/key vectors from forward hooks, expected line counts) are
+shared with the browser tests in ``test_views_browser.py``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.backends.torch_backend import TorchBackend
+from pipelines.config import AttentionMode, RunConfig, WindowConfig
+from pipelines.job import run_job
+from pipelines.reader import Dataset
+from pipelines.views import DocumentView, render_html, render_view, view_data
+from pipelines.views.data import unb64
+from pipelines.views.html import asset, payload_json
+
+PAIR = {"id": "pair", "text": "The cat sat on the mat.", "text_pair": "It was happy, so it slept."}
+PLAIN = {"id": "plain", "text": "Attention is all you need, they said; was it, though?"}
+LONG = {"id": "long", "text": "Transformers read text in parallel: every token attends to every "
+        "other token (or, in causal models, to those before it), and the weights say how much. "
+        "Long documents are split into overlapping windows."}
+#: Query and key segments each sentence filter of the head view keeps.
+PAIR_FILTERS = {"all": ({0, 1}, {0, 1}), "aa": ({0}, {0}), "ab": ({0}, {1}), "ba": ({1}, {0}),
+                "bb": ({1}, {1})}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def make_dataset(backend: TorchBackend, out: Path, rows: list[dict], attention: str,
+                 windows: WindowConfig | None = None, capture_qk: bool = False) -> Path:
+    """Run a real corpus job over ``rows`` (written as JSONL next to ``out``)."""
+    corpus = write_jsonl(out.parent / f"{out.name}.jsonl", rows)
+    config = RunConfig(model=backend.info.name, device="cpu",
+                       attention=AttentionMode.parse(attention),
+                       windows=windows or WindowConfig(), capture_qk=capture_qk)
+    run_job([corpus], out, config, backend=backend, progress=False)
+    return out
+
+
+def build_view_datasets(minilm: TorchBackend, gpt2: TorchBackend,
+                        folder: Path) -> dict[str, Path]:
+    """``main``: a sentence pair, a single text and a long text cut into windows (topk:4);
+    ``qk``: the same job with query/key capture; ``gpt2``: a causal model's dataset with
+    query/key capture; ``none``: attention mode none."""
+    windows = WindowConfig(max_length=24, stride=4)
+    main = make_dataset(minilm, folder / "main", [PAIR, PLAIN, LONG], "topk:4", windows)
+    qk = make_dataset(minilm, folder / "with-qk", [PAIR, PLAIN, LONG], "topk:4", windows,
+                      capture_qk=True)
+    causal = make_dataset(gpt2, folder / "gpt2", [PLAIN], "topk:4", capture_qk=True)
+    none = make_dataset(minilm, folder / "none", [PLAIN], "none")
+    return {"main": main, "qk": qk, "gpt2": causal, "none": none}
+
+
+def projections(backend: TorchBackend) -> list[list[torch.nn.Module]]:
+    """Per layer, the modules whose outputs hold the queries and keys: BERT's ``query`` and
+    ``key`` Linear layers, or GPT-2's fused ``c_attn`` (query | key | value)."""
+    model = backend.model
+    if backend.info.family == "gpt2":
+        return [[block.attn.c_attn] for block in model.h]
+    return [[layer.attention.self.query, layer.attention.self.key]
+            for layer in model.encoder.layer]
+
+
+def capture_qk(backend: TorchBackend, ids: np.ndarray,
+               segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head query and key vectors [layers, heads, n, dim] of one window, read by forward
+    hooks on the model's query/key projections."""
+    info = backend.info
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    hooks = []
+    for index, modules in enumerate(projections(backend)):
+        for which, module in enumerate(modules):
+            def keep(_module, _inputs, output, key=(index, which)) -> None:
+                found[key] = output.detach()[0]
+            hooks.append(module.register_forward_hook(keep))
+    inputs = {"input_ids": torch.tensor(ids, dtype=torch.long)[None]}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if info.accepts_token_type_ids:
+        inputs["token_type_ids"] = torch.tensor(segments, dtype=torch.long)[None]
+    try:
+        with torch.inference_mode():
+            backend.model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n, heads, width = len(ids), info.num_heads, info.num_heads * info.head_dim
+
+    def split(which: int) -> np.ndarray:
+        """Queries (0) or keys (1) of every layer, one head after the other."""
+        layers = [found[(layer, which)] if (layer, 1) in found
+                  else found[(layer, 0)][:, which * width:(which + 1) * width]
+                  for layer in range(info.num_layers)]
+        return np.stack([x.reshape(n, heads, -1).transpose(0, 1).numpy() for x in layers])
+
+    return split(0), split(1)
+
+
+def window_tables(root: Path, doc_id: str, window: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stored weights and tokens of one window, read with pandas."""
+    where = [("doc_id", "==", doc_id), ("window", "==", window)]
+    att = pd.read_parquet(root / "attention", filters=where)
+    tok = pd.read_parquet(root / "tokens", filters=where).sort_values("position")
+    return att, tok.set_index("position")
+
+
+def expected_lines(root: Path, doc_id: str, window: int, layer: int,
+                   heads: set[int] | None = None, pair_filter: str = "all",
+                   hide_special: bool = False) -> int:
+    """Weights the head view must draw for these settings, counted with pandas."""
+    att, tok = window_tables(root, doc_id, window)
+    att = att[att["layer"] == layer]
+    if heads is not None:
+        att = att[att["head"].isin(heads)]
+    q_seg, k_seg = PAIR_FILTERS[pair_filter]
+    query, key = tok.loc[att["query"]], tok.loc[att["key"]]
+    keep = query["segment"].isin(q_seg).to_numpy() & key["segment"].isin(k_seg).to_numpy()
+    if hide_special:
+        keep &= ~query["is_special"].to_numpy() & ~key["is_special"].to_numpy()
+    return int(keep.sum())
+
+
+def decode_weights(attention: dict, layers: int, heads: int) -> pd.DataFrame:
+    """The payload's weights of one window back as rows (layer, head, query, key, weight)."""
+    offsets = unb64(attention["offsets"], "<u4")
+    assert len(offsets) == layers * heads + 1 and offsets[-1] == attention["count"]
+    slot = np.repeat(np.arange(layers * heads), np.diff(offsets))
+    return pd.DataFrame({"layer": slot // heads, "head": slot % heads,
+                         "query": unb64(attention["query"], "<u2").astype(int),
+                         "key": unb64(attention["key"], "<u2").astype(int),
+                         "weight": unb64(attention["weight"], "<f4")})
+
+
+@pytest.fixture(scope="module")
+def datasets(minilm: TorchBackend, gpt2: TorchBackend,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_view_datasets(minilm, gpt2, tmp_path_factory.mktemp("views"))
+
+
+@pytest.fixture(scope="module")
+def main(datasets: dict[str, Path]) -> Path:
+    return datasets["main"]
+
+
+# --- payload ---------------------------------------------------------------------------------
+
+
+def test_payload_describes_model_and_windows(main: Path) -> None:
+    manifest = Dataset.open(main).manifest
+    documents = pd.read_parquet(main / "documents", filters=[("doc_id", "==", "long")])
+    payload = view_data(Dataset.open(main), "long")
+    assert payload["format"] == "headscope-view/1" and payload["doc_id"] == "long"
+    assert payload["model"] == {"name": "minilm", "family": "bert", "num_layers": 6,
+                                "num_heads": 12, "causal": False}
+    assert payload["model"]["num_layers"] == manifest["model"]["num_layers"]
+    assert payload["attention_mode"] == manifest["attention_mode"] == "topk:4"
+    assert payload["n_windows"] == len(documents) == len(payload["windows"]) >= 3
+    documents = documents.sort_values("window")
+    for win, row in zip(payload["windows"], documents.itertuples(), strict=True):
+        assert (win["window"], win["token_start"], win["token_end"], win["n_tokens"]) == (
+            row.window, row.token_start, row.token_end, row.n_tokens)
+        assert win["pair"] is False and win["qk"] is None
+    json.dumps(payload, allow_nan=False)  # JSON-able as it is
+
+
+@pytest.mark.parametrize("doc_id", ["pair", "long"])
+def test_payload_tokens_and_weights_match_tables(main: Path, doc_id: str) -> None:
+    payload = view_data(main, doc_id)
+    for win in payload["windows"]:
+        att, tok = window_tables(main, doc_id, win["window"])
+        assert win["tokens"] == tok["token"].tolist()
+        assert win["segment"] == tok["segment"].tolist()
+        assert win["is_special"] == tok["is_special"].astype(int).tolist()
+        assert win["pair"] == (doc_id == "pair")
+        got = decode_weights(win["attention"], 6, 12)
+        want = att.sort_values(["layer", "head", "query", "key"])[got.columns].astype(
+            {"layer": int, "head": int, "query": int, "key": int})
+        assert win["attention"]["count"] == len(att) == 6 * 12 * win["n_tokens"] * 4
+        pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_exact=True)
+
+
+def test_payload_is_compact(main: Path) -> None:
+    """Ten bytes per weight before base64 (uint16 query and key, float32 weight)."""
+    win = view_data(main, "long", window=0)["windows"][0]
+    att = win["attention"]
+    size = sum(len(att[name]) for name in ("query", "key", "weight"))
+    assert size <= 4 * -(-10 * att["count"] // 3) + 12
+
+
+def test_one_window(main: Path) -> None:
+    payload = view_data(main, "long", window=1)
+    assert payload["n_windows"] >= 3
+    assert [w["window"] for w in payload["windows"]] == [1]
+    att, _ = window_tables(main, "long", 1)
+    assert payload["windows"][0]["attention"]["count"] == len(att)
+
+
+def test_window_out_of_range(main: Path) -> None:
+    n = len(view_data(main, "long")["windows"])
+    with pytest.raises(IndexError, match=rf"'long' has {n} window\(s\), 0 to {n - 1}; no window"):
+        view_data(main, "long", window=n)
+    with pytest.raises(IndexError, match="no window -1"):
+        view_data(main, "pair", window=-1)
+
+
+def test_unknown_document_names_available_ids(main: Path) -> None:
+    with pytest.raises(KeyError, match="no document 'nope'.*'long', 'pair', 'plain'"):
+        view_data(main, "nope")
+
+
+def test_attention_mode_none_is_refused(datasets: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"attention mode 'none'.*--attention topk:K"):
+        view_data(datasets["none"], "plain")
+
+
+def test_full_mode_of_a_causal_model(gpt2: TorchBackend, tmp_path: Path) -> None:
+    """GPT-2 in ``full`` mode: float16 weights come back exactly, causal rows only."""
+    out = make_dataset(gpt2, tmp_path / "gpt2", [PLAIN], "full")
+    payload = view_data(out, "plain")
+    model = payload["model"]
+    assert model["causal"] is True and payload["attention_mode"] == "full"
+    (win,) = payload["windows"]
+    n = win["n_tokens"]
+    got = decode_weights(win["attention"], model["num_layers"], model["num_heads"])
+    att, _ = window_tables(out, "plain", 0)
+    assert att["weight"].dtype == np.float16
+    assert len(got) == model["num_layers"] * model["num_heads"] * n * (n + 1) // 2
+    assert (got["key"] <= got["query"]).all()
+    want = att.sort_values(["layer", "head", "query", "key"])["weight"].astype(np.float32)
+    np.testing.assert_array_equal(got["weight"].to_numpy(), want.to_numpy())
+
+
+# --- query/key vectors -----------------------------------------------------------------------
+
+
+def softmax_scores(query: np.ndarray, key: np.ndarray, scale: np.ndarray,
+                   causal: bool = False) -> np.ndarray:
+    """softmax(q·k × scale) over keys (only keys up to the query if ``causal``); query and key
+    [L, H, n, d], scale [L]."""
+    scores = query @ np.swapaxes(key, -1, -2) * scale[:, None, None, None]
+    if causal:
+        n = scores.shape[-1]
+        scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return scores / scores.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(("name", "doc_id"), [("qk", "pair"), ("qk", "long"),
+                                             ("gpt2", "plain")])
+def test_qk_vectors_reproduce_stored_attention(datasets: dict[str, Path], name: str,
+                                               doc_id: str) -> None:
+    """The captured vectors, through the payload, give back every stored weight."""
+    root = datasets[name]
+    payload = view_data(root, doc_id)
+    model = payload["model"]
+    layers, heads = model["num_layers"], model["num_heads"]
+    for win in payload["windows"]:
+        n, dim = win["n_tokens"], win["qk"]["dim"]
+        query = unb64(win["qk"]["query"], "<f4").reshape(layers, heads, n, dim)
+        key = unb64(win["qk"]["key"], "<f4").reshape(layers, heads, n, dim)
+        scale = np.array(win["qk"]["scale"])
+        np.testing.assert_allclose(scale, dim ** -0.5, rtol=1e-6)
+        probs = softmax_scores(query.astype(np.float64), key.astype(np.float64), scale,
+                               model["causal"])
+        att, _ = window_tables(root, doc_id, win["window"])
+        index = [att[c].to_numpy(int) for c in ("layer", "head", "query", "key")]
+        np.testing.assert_allclose(probs[tuple(index)], att["weight"], atol=1e-5)
+        table = pd.read_parquet(root / "qk", filters=[("doc_id", "==", doc_id),
+                                                      ("window", "==", win["window"])])
+        row = table[(table["layer"] == 1) & (table["head"] == 2) & (table["position"] == 1)]
+        np.testing.assert_array_equal(query[1, 2, 1], row["query"].iloc[0])
+    assert (dim, model["causal"]) == ((384 // 12, False) if name == "qk" else (16, True))
+
+
+@pytest.mark.parametrize("name", ["qk", "gpt2"])
+def test_captured_vectors_equal_forward_hooks(datasets: dict[str, Path], name: str,
+                                              minilm: TorchBackend, gpt2: TorchBackend) -> None:
+    """The job's capture (inside attention) against hooks on the projection layers."""
+    backend = minilm if name == "qk" else gpt2
+    root = datasets[name]
+    tokens = pd.read_parquet(root / "tokens").sort_values(["doc_id", "window", "position"])
+    stored = pd.read_parquet(root / "qk").sort_values(["doc_id", "window", "layer", "head",
+                                                       "position"])
+    for (doc_id, window), rows in tokens.groupby(["doc_id", "window"], sort=True):
+        query, key = capture_qk(backend, rows["token_id"].to_numpy(np.int64),
+                                rows["segment"].to_numpy(np.int64))  # [L, H, n, d]
+        mine = stored[(stored["doc_id"] == doc_id) & (stored["window"] == window)]
+        np.testing.assert_allclose(np.stack(mine["query"]), query.reshape(-1, query.shape[-1]),
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.stack(mine["key"]), key.reshape(-1, key.shape[-1]),
+                                   rtol=0, atol=1e-5)
+
+
+def test_qk_can_be_left_out(datasets: dict[str, Path]) -> None:
+    assert view_data(datasets["qk"], "pair", qk=False)["windows"][0]["qk"] is None
+
+
+def test_incomplete_qk_table_is_an_error(datasets: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    shutil.copytree(datasets["qk"], root)
+    part = root / "qk" / "part-00000.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.slice(1), part)  # the first row is gone
+    with pytest.raises(ValueError, match=r"qk table, window 0: \d+ rows, expected"):
+        view_data(root, table.column("doc_id")[0].as_py())
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+
+def embedded_payload(page: str) -> dict:
+    match = re.search(r'<script type="application/json" id="hs-payload">(.*?)</script>', page,
+                      re.S)
+    assert match
+    return json.loads(match.group(1))
+
+
+def test_page_is_self_contained(main: Path) -> None:
+    payload = view_data(main, "pair")
+    page = render_html(payload, "pair <view> & co")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<title>pair &lt;view&gt; &amp; co</title>" in page
+    assert '<link rel="icon" href="data:,">' in page
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    code = page.replace(payload_json(payload), "")  # base64 may hold "//" or "http"
+    assert not re.search(r"https?:|//[a-z0-9]|@import|url\(", code, re.I)
+    assert re.findall(r'\b(?:src|href)="([^"]*)"', page) == ["data:,"]
+    assert page.count("<script") == 2 and page.count("</script>") == 2
+    assert page.count("<style>") == 1 and asset("view.css") in page and asset("view.js") in page
+    assert embedded_payload(page) == payload
+    for element in ("hs-head-svg", "hs-layer", "hs-filter", "hs-hide-special", "hs-heads",
+                    "hs-model-grid", "hs-model-detail", "hs-neuron-missing", "hs-window"):
+        assert f'id="{element}"' in page
+
+
+def test_payload_text_cannot_break_out_of_its_script(main: Path) -> None:
+    payload = view_data(main, "plain")
+    payload["windows"][0]["tokens"][1] = "</script><script>alert(1)</script><!--"
+    page = render_html(payload, "t")
+    assert page.count("</script>") == 2 and "<!--" not in page
+    assert embedded_payload(page) == payload
+
+
+def test_assets_ship_inside_the_package() -> None:
+    from importlib import resources
+
+    folder = resources.files("pipelines.views") / "assets"
+    assert {"view.js", "view.css"} <= {entry.name for entry in folder.iterdir()}
+
+
+def test_document_view_html_save_and_notebook(main: Path, tmp_path: Path) -> None:
+    view = DocumentView(main, "long", window=1)
+    assert embedded_payload(view.html) == view_data(main, "long", window=1)
+    assert view.html == render_html(view.payload, "long · minilm attention")
+    saved = view.save(tmp_path / "long.html")
+    assert saved.read_text(encoding="utf-8") == view.html
+    frame = view._repr_html_()
+    match = re.fullmatch(r'<iframe srcdoc="([^"]*)" sandbox="allow-scripts" .*</iframe>', frame,
+                         re.S)
+    assert match and html.unescape(match.group(1)) == view.html
+    assert render_view(main, "long", window=1) == view.html
+    assert "window=1" in repr(view)
+
+
+def test_document_view_reports_errors_early(main: Path) -> None:
+    with pytest.raises(KeyError, match="nope"):
+        DocumentView(main, "nope")
+    with pytest.raises(FileNotFoundError, match="not a headscope dataset"):
+        DocumentView(main / "tokens", "pair")
