@@ -1,6 +1,7 @@
 """FastAPI ingress and the Ray Serve application builder.
 
-Routes: POST /v1/attention, GET /v1/models, GET /healthz, GET /readyz, OpenAPI at /docs.
+Routes: POST /v1/attention, POST /v1/view, GET /v1/models, GET /healthz, GET /readyz, and
+OpenAPI at /docs.
 The ingress validates and tokenises requests (so limits are checked before any model work),
 sends each document to its model deployment, where documents from concurrent requests are
 batched, and assembles tables with the same names and schema as a corpus job's Parquet files.
@@ -17,11 +18,12 @@ import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -35,12 +37,15 @@ from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_ana
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.stats import DEFINITIONS, K90_MASS
 from pipelines.tokenize import Document, Window, Windower
+from pipelines.views.data import build_payload
+from pipelines.views.html import default_title, render_html
 from pipelines.writer import append_parts
 from service.config import ServiceConfig
-from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription
+from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription, ViewRequest
 from service.worker import DocumentJob, ModelWorker
 
 log = logging.getLogger(__name__)
+RequestModel = TypeVar("RequestModel", AttentionRequest, ViewRequest)
 OPEN_ROUTES = {"/healthz", "/readyz"}
 #: Tables with layer and head columns, which the request's layers/heads filters apply to.
 PER_HEAD_TABLES = {"head_stats", "attention", "head_patterns", "word_attention"}
@@ -123,8 +128,9 @@ async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.details, exc.headers)
 
 
-async def parse_request(request: Request) -> AttentionRequest:
-    """Body → AttentionRequest: 400 for bytes/JSON problems, 422 for invalid fields."""
+async def parse_request(request: Request, model: type[RequestModel] = AttentionRequest
+                        ) -> RequestModel:
+    """Body → a request model: 400 for bytes/JSON problems, 422 for invalid fields."""
     body = await request.body()
     try:
         data = json.loads(body.decode("utf-8"))
@@ -138,9 +144,10 @@ async def parse_request(request: Request) -> AttentionRequest:
         raise ApiError(400, "request body is nested too deeply; send a flat JSON object") \
             from None
     if not isinstance(data, dict):
-        raise ApiError(422, "request body must be a JSON object with 'texts' or 'inputs'")
+        raise ApiError(422, "request body must be a JSON object, e.g. "
+                            f"{json.dumps(model.model_json_schema()['examples'][0])}")
     try:
-        return AttentionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         details = [{"field": ".".join(str(p) for p in e["loc"]) or "body",
                     "problem": e["msg"].removeprefix("Value error, ")}
@@ -237,12 +244,7 @@ class Ingress:
         analyses = parse_analyses(",".join(body.analyses))
         jobs = [DocumentJob(doc_windows, body.attention, body.local_window, analyses,
                             body.disable_heads) for doc_windows in windows]
-        try:
-            results = await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
-        except BackPressureError:
-            retry = str(math.ceil(self.config.ingress.retry_after_s))
-            raise ApiError(503, "the model is overloaded; retry shortly",
-                           {"Retry-After": retry}) from None
+        results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
         tables = {"documents": stages.documents_table(flat), "tokens": stages.tokens_table(flat),
                   **stages.concat(results)}
@@ -264,6 +266,40 @@ class Ingress:
                    "attention_mode": body.attention,
                    **{name: _records(t) for name, t in tables.items()}}
         return JSONResponse(payload)
+
+    @app.post("/v1/view", response_class=HTMLResponse, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {
+            "schema": ViewRequest.model_json_schema()}}}})
+    async def view(self, request: Request) -> HTMLResponse:
+        """A self-contained HTML page with the head, model and neuron views of one text."""
+        body = await parse_request(request, ViewRequest)
+        state = await self._model(body.model)
+        on_torch = state.runtime.get("backend") == "torch"
+        if body.qk and not on_torch:
+            raise ApiError(422, "qk (the neuron view's vectors) needs a model served by the "
+                                f"torch backend; this one runs on {state.runtime.get('backend')}")
+        as_attention = body.attention_request()
+        self._check_ranges(as_attention, state.info)
+        windows = self._windows(as_attention, state)[0]
+        job = DocumentJob(windows, body.attention, local_window=2,
+                          capture_qk=on_torch if body.qk is None else body.qk)
+        (tables,) = await self._analyse(state, [job])
+        text = {"documents": stages.documents_table(windows),
+                "tokens": stages.tokens_table(windows)}
+        model = {**dataclasses.asdict(state.info), "name": body.model or self.config.default_model}
+        payload = build_payload(model, body.attention, body.id,
+                                text["documents"].to_pylist(), text["tokens"],
+                                tables["attention"], tables.get("qk"))
+        return HTMLResponse(render_html(payload, default_title(payload)))
+
+    async def _analyse(self, state: ModelState, jobs: list[DocumentJob]) -> list[dict]:
+        """Each job's tables from the model deployment (503 when its queues are full)."""
+        try:
+            return await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
+        except BackPressureError:
+            retry = str(math.ceil(self.config.ingress.retry_after_s))
+            raise ApiError(503, "the model is overloaded; retry shortly",
+                           {"Retry-After": retry}) from None
 
     def _check_disabled(self, body: AttentionRequest, state: ModelState) -> None:
         if body.disable_heads is None:

@@ -84,6 +84,49 @@ class AttentionRequest(BaseModel):
         return [InputItem(text=t) for t in self.texts or []]
 
 
+class ViewRequest(BaseModel):
+    """POST /v1/view: one text (or sentence pair) → a self-contained HTML attention view."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"text": "The cat sat on the mat.", "text_pair": "It was happy."}]})
+
+    text: str = Field(min_length=1)
+    text_pair: str | None = None
+    id: str = Field("view", min_length=1, max_length=256)
+    model: str | None = Field(None, description="a configured model name (GET /v1/models)")
+    attention: str = Field("topk:8", description="weights to draw: topk:K, threshold:T or full")
+    max_length: int | None = Field(None, ge=2)
+    stride: int = Field(64, ge=0)
+    truncate: bool = False
+    qk: bool | None = Field(None, description="query/key vectors for the neuron view (default: "
+                                              "when the model runs on the torch backend)")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is blank")
+        return value
+
+    @field_validator("attention")
+    @classmethod
+    def _drawable(cls, value: str) -> str:
+        try:
+            mode = AttentionMode.parse(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if mode.kind == "none":
+            raise ValueError("the view draws kept weights: use topk:K, threshold:T or full")
+        return str(mode)
+
+    def attention_request(self) -> AttentionRequest:
+        """The same document as an attention request (for its limits and windows)."""
+        item = InputItem(text=self.text, text_pair=self.text_pair, id=self.id)
+        return AttentionRequest(inputs=[item], model=self.model, attention=self.attention,
+                                max_length=self.max_length, stride=self.stride,
+                                truncate=self.truncate)
+
+
 class ModelDescription(BaseModel):
     name: str
     model: str

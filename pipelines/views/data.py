@@ -23,6 +23,7 @@ FORMAT = "headscope-view/1"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).
 QK_TABLE = "qk"
 _ATTENTION_COLUMNS = ["window", "layer", "head", "query", "key", "weight"]
+TOKEN_COLUMNS = ["window", "position", "token", "segment", "is_special"]
 
 
 def b64(values: np.ndarray, dtype: str) -> str:
@@ -48,13 +49,22 @@ def view_data(dataset: Dataset | str | Path, doc_id: str, window: int | None = N
     if mode == "none":
         raise ValueError(f"{ds.root} stores no attention weights (attention mode 'none'); "
                          "re-run the job with --attention topk:K (or threshold:T, full)")
-    layers, heads = int(model["num_layers"]), int(model["num_heads"])
     docs = _document_windows(ds, doc_id, window)
-    tokens = _read(ds.root, "tokens", doc_id, window,
-                   ["window", "position", "token", "segment", "is_special"])
+    tokens = _read(ds.root, "tokens", doc_id, window, TOKEN_COLUMNS)
     weights = _read(ds.root, "attention", doc_id, window, _ATTENTION_COLUMNS)
     vectors = (_read(ds.root, QK_TABLE, doc_id, window, None)
                if qk and (ds.root / QK_TABLE).is_dir() else None)
+    return build_payload(model, mode, doc_id, docs, tokens, weights, vectors)
+
+
+def build_payload(model: dict, mode: str, doc_id: str, docs: list[dict], tokens: pa.Table,
+                  weights: pa.Table, vectors: pa.Table | None) -> dict:
+    """The payload from one document's table rows (a dataset's, or a service response's).
+
+    ``model`` holds num_layers, num_heads, causal (and name, family); ``docs`` the document's
+    ``documents`` rows to show, in window order.
+    """
+    layers, heads = int(model["num_layers"]), int(model["num_heads"])
     windows = [_window_payload(row, tokens, weights, vectors, layers, heads) for row in docs]
     return {
         "format": FORMAT,

@@ -13,7 +13,9 @@ Every application writes its datasets under its own temporary ``dataset_root``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -34,8 +36,11 @@ from conftest import SAMPLE_TEXTS, free_port
 from pipelines import schema, stages
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
+from pipelines.job import run_job
 from pipelines.reader import Dataset
 from pipelines.tokenize import Document, Windower
+from pipelines.views import view_data
+from pipelines.views.data import unb64
 from service.schemas import ARROW_STREAM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -665,3 +670,74 @@ def test_retry_after_is_rounded_up(service: Service) -> None:
     (RFC 9110 delay-seconds rounded up, so a client never retries too early)."""
     response = worker_backpressure(service)
     assert response.headers["retry-after"] == "2"
+
+
+# --- POST /v1/view ----------------------------------------------------------------------------
+
+
+def view_payload(page: str) -> dict:
+    match = re.search(r'<script type="application/json" id="hs-payload">(.*?)</script>', page,
+                      re.S)
+    assert match, "no embedded payload"
+    return json.loads(match.group(1))
+
+
+def post_view(service: Service, payload: dict, app: str = "open",
+              token: str | None = None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(service.address(app, "/v1/view"), json=payload, headers=headers,
+                         timeout=120)
+
+
+def test_view_equals_the_view_of_a_job_dataset(service: Service, minilm: TorchBackend,
+                                               tmp_path: Path) -> None:
+    """The page for posted text carries the payload of the same text run as a corpus job."""
+    item = {"id": "v1", "text": SAMPLE_TEXTS[0], "text_pair": SAMPLE_TEXTS[1]}
+    response = post_view(service, {**item, "attention": "topk:4"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    got = view_payload(response.text)
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps(item) + "\n")
+    config = RunConfig(device="cpu", attention=AttentionMode.parse("topk:4"), capture_qk=True)
+    run_job([corpus], tmp_path / "out", config, backend=minilm, progress=False)
+    want = view_data(tmp_path / "out", "v1")
+    assert got["model"] == {**want["model"], "name": "minilm"}
+    assert (got["doc_id"], got["n_windows"]) == (want["doc_id"], want["n_windows"])
+    for mine, theirs in zip(got["windows"], want["windows"], strict=True):
+        assert mine["tokens"] == theirs["tokens"] and mine["segment"] == theirs["segment"]
+        for part, kind in (("offsets", "<u4"), ("query", "<u2"), ("key", "<u2")):
+            np.testing.assert_array_equal(unb64(mine["attention"][part], kind),
+                                          unb64(theirs["attention"][part], kind))
+        np.testing.assert_allclose(unb64(mine["attention"]["weight"], "<f4"),
+                                   unb64(theirs["attention"]["weight"], "<f4"), atol=1e-5)
+        for part in ("query", "key"):
+            np.testing.assert_allclose(unb64(mine["qk"][part], "<f4"),
+                                       unb64(theirs["qk"][part], "<f4"), atol=1e-5)
+
+
+def test_view_of_an_onnx_model_has_no_neuron_vectors(service: Service) -> None:
+    response = post_view(service, {"text": SAMPLE_TEXTS[0]}, app="onnx")
+    assert response.status_code == 200, response.text
+    assert all(w["qk"] is None for w in view_payload(response.text)["windows"])
+    refused = post_view(service, {"text": SAMPLE_TEXTS[0], "qk": True}, app="onnx")
+    assert refused.status_code == 422 and "torch backend" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(("payload", "status", "says"), [
+    ({"text": "hi", "attention": "none"}, 422, "use topk:K"),
+    ({"text": "  "}, 422, "text is blank"),
+    ({"texts": ["hi"]}, 422, "text: Field required"),
+    ({"text": "hi", "model": "nope"}, 404, "unknown model"),
+    ({"text": "word " * 3000}, 413, "characters"),
+])
+def test_view_errors_say_what_to_fix(service: Service, payload: dict, status: int,
+                                     says: str) -> None:
+    response = post_view(service, payload)
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]
+
+
+def test_view_needs_the_token_where_auth_is_on(service: Service) -> None:
+    assert post_view(service, {"text": "hi"}, app="secure").status_code == 401
+    assert post_view(service, {"text": "hi"}, app="secure", token=TOKEN).status_code == 200
