@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipelines import __version__
 from pipelines.config import (
@@ -207,6 +208,76 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    view = sub.add_parser(
+        "view", help="write the attention views of one document as a self-contained HTML file",
+        description="Head, model and neuron views of one document of a dataset, in one HTML "
+                    "file that opens anywhere without a network. The neuron view needs a "
+                    "dataset made with --capture-qk.")
+    view.add_argument("dataset", metavar="DATASET", help="a dataset folder (headscope run)")
+    view.add_argument("--doc", required=True, metavar="ID", help="the document's doc_id")
+    view.add_argument("--window", type=int, default=None,
+                      help="only this window of a long document (default: all, with a pager)")
+    view.add_argument("--out", required=True, help="the HTML file to write")
+    view.add_argument("--no-qk", action="store_true",
+                      help="leave the query/key vectors out (a smaller file, no neuron view)")
+    view.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    view.set_defaults(func=_view)
+
+
+def _new_file(path: str, overwrite: bool, suffixes: tuple[str, ...]) -> Path:
+    """``path`` as a file to create: the right suffix, and no silent replacement."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"--out {path}: use a file name ending in {' or '.join(suffixes)}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {path} exists; pass --overwrite to replace it")
+    return out
+
+
+def _view(args: argparse.Namespace) -> int:
+    from pipelines.views import DocumentView
+    from pipelines.writer import atomic_write_bytes
+
+    out = _new_file(args.out, args.overwrite, (".html", ".htm"))
+    try:
+        view = DocumentView(args.dataset, args.doc, args.window, qk=not args.no_qk)
+    except (KeyError, IndexError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
+    atomic_write_bytes(out, view.html.encode("utf-8"))
+    windows = view.payload["windows"]
+    neuron = "with" if any(w["qk"] for w in windows) else "without"
+    print(f"wrote {out}: {len(windows)} window(s), {out.stat().st_size / 1e6:.1f} MB, "
+          f"{neuron} the neuron view")
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    plot = sub.add_parser(
+        "plot", help="plot a per-head statistic of a dataset (PNG or SVG)",
+        description="heatmap: the statistic's corpus mean per layer × head; patterns: each "
+                    "head's most frequent pattern class (needs --analyses patterns); layers: "
+                    "the statistic's distribution over windows, per layer.")
+    plot.add_argument("dataset", metavar="DATASET", help="a dataset folder (headscope run)")
+    plot.add_argument("--stat", default="entropy", help="a head_stats column (default entropy)")
+    plot.add_argument("--kind", default="heatmap", choices=["heatmap", "patterns", "layers"])
+    plot.add_argument("--out", required=True, help="the image to write (.png or .svg)")
+    plot.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    plot.set_defaults(func=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pipelines.views.plots import plot
+
+    out = _new_file(args.out, args.overwrite, (".png", ".svg"))
+    try:
+        written = plot(args.dataset, args.stat, args.kind, out)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
+    print(f"wrote {written}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, (description, _) in REGISTRY.items():
         print(f"{name:10s} {description}")
@@ -228,6 +299,8 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_export(sub)
     _add_ablate(sub)
+    _add_view(sub)
+    _add_plot(sub)
     sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
     demo = sub.add_parser("demo", help="run the demo job on the Python docs and summarise it")
     demo.add_argument("--out", default="demo_out")

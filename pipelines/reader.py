@@ -7,6 +7,7 @@ Every table is a folder of Parquet parts, so plain pandas works too::
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,29 @@ class Dataset:
         matrix = np.zeros((n, n), dtype=np.float32)
         matrix[rows["query"].to_numpy(int), rows["key"].to_numpy(int)] = rows["weight"]
         return matrix
+
+
+    def view(self, doc_id: str, window: int | None = None, qk: bool = True):
+        """Head, model and neuron views of one document; in a notebook it shows inline.
+
+        Returns a :class:`pipelines.views.DocumentView` (``.save("doc.html")`` writes the page).
+        """
+        from pipelines.views import DocumentView
+
+        return DocumentView(self, doc_id, window, qk=qk)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: what the dataset holds, and how to look at a document."""
+        manifest, rows = self.manifest, ""
+        counts = manifest.get("counts", {})
+        for name, count in counts.items():
+            rows += f"<tr><td>{html.escape(name)}</td><td>{count:,}</td></tr>"
+        model = manifest.get("model", {})
+        return (f"<b>headscope dataset</b> {html.escape(str(self.root))}: "
+                f"{html.escape(str(model.get('name')))}, attention "
+                f"{html.escape(str(manifest.get('attention_mode')))}, status "
+                f"{html.escape(str(manifest.get('status')))}"
+                f"<table>{rows}</table><code>ds.view(doc_id)</code> shows a document.")
 
 
 def _equals(values: dict[str, object]) -> list[tuple[str, str, object]]:

@@ -26,10 +26,10 @@ class DocumentView:
     frame_height = 760
 
     def __init__(self, dataset: Dataset | str | Path, doc_id: str, window: int | None = None,
-                 title: str | None = None) -> None:
+                 title: str | None = None, qk: bool = True) -> None:
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
         self.doc_id, self.window, self.title = doc_id, window, title
-        self.payload = view_data(self.dataset, doc_id, window)  # errors show up here, early
+        self.payload = view_data(self.dataset, doc_id, window, qk)  # errors show up here, early
 
     @cached_property
     def html(self) -> str:

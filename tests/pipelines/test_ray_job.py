@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def write_corpus(folder: Path) -> list[Path]:
     short.write_text("\n".join(SAMPLE_TEXTS * 2) + "\n")
     pairs = folder / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"id": f"pair{i}", "text": a, "text_pair": b})
-                               for i, (a, b) in enumerate(zip(SAMPLE_TEXTS, SAMPLE_TEXTS[1:])))
+                               for i, (a, b) in enumerate(pairwise(SAMPLE_TEXTS)))
                      + "\n")
     long = folder / "long.txt"
     long.write_text("\n".join(" ".join(SAMPLE_TEXTS[i:] + SAMPLE_TEXTS[:i]) for i in range(3))

@@ -381,3 +381,48 @@ def test_document_view_reports_errors_early(main: Path) -> None:
         DocumentView(main, "nope")
     with pytest.raises(FileNotFoundError, match="not a headscope dataset"):
         DocumentView(main / "tokens", "pair")
+
+
+# --- headscope view and Dataset.view ---------------------------------------------------------
+
+
+def test_cli_writes_the_view(datasets: dict[str, Path], tmp_path: Path,
+                             capsys: pytest.CaptureFixture) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / "pair.html"
+    assert main(["view", str(datasets["qk"]), "--doc", "pair", "--out", str(out)]) == 0
+    assert "with the neuron view" in capsys.readouterr().out
+    assert embedded_payload(out.read_text())["windows"][0]["qk"] is not None
+    assert main(["view", str(datasets["qk"]), "--doc", "pair", "--out", str(out),
+                 "--no-qk", "--overwrite"]) == 0
+    assert embedded_payload(out.read_text())["windows"][0]["qk"] is None
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--doc", "nope"], "no document 'nope'"),
+    (["--doc", "long", "--window", "9"], "no window 9"),
+    (["--doc", "pair", "--out-suffix", ".txt"], "ending in .html"),
+    (["--doc", "pair", "--existing"], "exists; pass --overwrite"),
+])
+def test_cli_errors_say_what_to_fix(datasets: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture, args: list[str],
+                                    says: str) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / ("view.txt" if "--out-suffix" in args else "view.html")
+    if "--existing" in args:
+        out.write_text("keep me")
+    args = [a for a in args if a not in ("--out-suffix", ".txt", "--existing")]
+    assert main(["view", str(datasets["main"]), *args, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists() or out.read_text() == "keep me"  # nothing written or replaced
+
+
+def test_dataset_view_displays_inline(datasets: dict[str, Path]) -> None:
+    ds = Dataset.open(datasets["main"])
+    view = ds.view("pair")
+    assert isinstance(view, DocumentView) and view.payload["doc_id"] == "pair"
+    assert view._repr_html_().startswith("<iframe srcdoc=")
+    summary = ds._repr_html_()
+    assert "attention topk:4" in summary and "<td>head_stats</td>" in summary
