@@ -278,6 +278,94 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_factors(sub: argparse._SubParsersAction) -> None:
+    factors = sub.add_parser(
+        "factors", help="transformer factors: dictionary learning over hidden states",
+        description="Learn one dictionary of factors shared by the chosen layers (train), "
+                    "encode a corpus with it (apply), and look at one factor (page).")
+    steps = factors.add_subparsers(dest="step", required=True)
+    train = steps.add_parser("train", help="learn a dictionary from INPUT's hidden states")
+    _add_input_options(train)
+    train.add_argument("--out", required=True, help="dictionary folder (new or empty)")
+    train.add_argument("--model", default="minilm",
+                       help=f"registry name ({', '.join(REGISTRY)}) or a local folder")
+    train.add_argument("--layers", default="all",
+                       help="hidden-state layers: all (default), '0,3,6' or '1-6'; 0 is the "
+                            "embedding output")
+    train.add_argument("--n-factors", type=int, default=1024, help="dictionary size (1024)")
+    train.add_argument("--sparsity", type=float, default=0.1,
+                       help="λ of the L1 penalty on unit-length rows (default 0.1)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over INPUT (default 1)")
+    train.add_argument("--minibatch", type=int, default=4096,
+                       help="rows per dictionary update (default 4096)")
+    train.add_argument("--nonneg-dict", action="store_true",
+                       help="keep the atoms non-negative too (the codes always are)")
+    train.add_argument("--include-special", action="store_true",
+                       help="train on [CLS]/[SEP]/... rows too (default: left out)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_factors_train)
+    apply = steps.add_parser("apply", help="sparse codes of every token of INPUT")
+    apply.add_argument("dictionary", metavar="DICT", help="a folder from `factors train`")
+    _add_input_options(apply)
+    apply.add_argument("--out", required=True, help="output dataset folder (new or empty)")
+    apply.add_argument("--top", type=int, default=20,
+                       help="top contexts kept per factor and layer (default 20)")
+    apply.add_argument("--device", default="auto")
+    apply.add_argument("--overwrite", action="store_true")
+    apply.add_argument("--no-progress", action="store_true")
+    apply.set_defaults(func=_factors_apply)
+    page = steps.add_parser("page", help="a self-contained HTML page of one factor")
+    page.add_argument("codes", metavar="CODES", help="a folder from `factors apply`")
+    page.add_argument("--factor", type=int, required=True)
+    page.add_argument("--out", required=True, help="the HTML file to write")
+    page.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    page.set_defaults(func=_factors_page)
+
+
+def _factors_train(args: argparse.Namespace) -> int:
+    from pipelines.factors.train import FactorConfig, train_factors
+
+    config = FactorConfig(model=args.model, device=args.device, layers=args.layers,
+                          n_factors=args.n_factors, sparsity=args.sparsity, epochs=args.epochs,
+                          minibatch=args.minibatch, nonneg_dict=args.nonneg_dict,
+                          include_special=args.include_special, seed=args.seed,
+                          windows=_window_config(args))
+    manifest = train_factors(args.inputs, args.out, config, _columns(args), args.overwrite,
+                             progress=not args.no_progress)
+    evaluation = manifest["evaluation"]
+    print(f"wrote {args.out}: {config.n_factors} factors over layers {manifest['layers']}; "
+          f"relative reconstruction error {evaluation['relative_error']:.3f}, "
+          f"{evaluation['mean_active']:.1f} active factors per token")
+    return 0
+
+
+def _factors_apply(args: argparse.Namespace) -> int:
+    from pipelines.factors.apply import apply_factors
+
+    if args.top < 1:
+        raise ConfigError("--top must be a positive integer")
+    manifest = apply_factors(args.dictionary, args.inputs, args.out, _columns(args),
+                             _window_config(args), args.device, args.top,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+    counts = manifest["counts"]
+    print(f"wrote {args.out}: {counts['factor_activations']:,} non-zero codes for "
+          f"{counts['tokens']:,} tokens")
+    return 0
+
+
+def _factors_page(args: argparse.Namespace) -> int:
+    from pipelines.views.factor_page import render_factor_page
+    from pipelines.writer import atomic_write_bytes
+
+    out = _new_file(args.out, args.overwrite, (".html", ".htm"))
+    atomic_write_bytes(out, render_factor_page(args.codes, args.factor).encode("utf-8"))
+    print(f"wrote {out}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, (description, _) in REGISTRY.items():
         print(f"{name:10s} {description}")
@@ -301,6 +389,7 @@ def parser() -> argparse.ArgumentParser:
     _add_ablate(sub)
     _add_view(sub)
     _add_plot(sub)
+    _add_factors(sub)
     sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
     demo = sub.add_parser("demo", help="run the demo job on the Python docs and summarise it")
     demo.add_argument("--out", default="demo_out")
