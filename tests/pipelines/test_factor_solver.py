@@ -122,8 +122,9 @@ def test_learning_is_deterministic_with_a_seed() -> None:
 
 
 def test_a_row_codes_the_same_alone_or_in_a_batch() -> None:
+    """Up to float32 rounding (BLAS sums in another order for another batch size)."""
     rows, atoms = planted(n=64)
     batched = encode(rows, atoms, 0.05)
     for index in (0, 17, 63):
         alone = encode(rows[index:index + 1], atoms, 0.05)[0]
-        np.testing.assert_allclose(batched[index].numpy(), alone.numpy(), atol=1e-6)
+        np.testing.assert_allclose(batched[index].numpy(), alone.numpy(), atol=1e-5)
