@@ -46,6 +46,8 @@ bench: setup
 	$(BIN)/python benchmarks/backends.py
 	$(BIN)/python benchmarks/analyses.py
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/factor_solver.py
+	$(BIN)/python benchmarks/factors.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:

@@ -24,7 +24,7 @@ def lipschitz(gram: torch.Tensor) -> float:
 
 
 def encode(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: int = 300,
-           tol: float = 1e-5, gram: torch.Tensor | None = None,
+           tol: float = 1e-4, gram: torch.Tensor | None = None,
            init: torch.Tensor | None = None) -> torch.Tensor:
     """Non-negative lasso codes [n, k] of rows ``x`` [n, d] by FISTA.
 
