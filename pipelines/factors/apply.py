@@ -230,7 +230,8 @@ def _write_shard(root: Path, shard: Shard, backend: TorchBackend, dictionary: Di
     parts = []
     for rows in token_rows(backend, shard.windows, dictionary.layers, batch_tokens,
                            config["include_special"], config["normalise"]):
-        codes = encode(rows.vectors, atoms, dictionary.manifest["sparsity"], gram=gram)
+        codes = encode(rows.vectors, atoms, dictionary.manifest["sparsity"],
+                       config["encode_steps"], gram=gram)
         frame = activation_rows(rows, codes)
         parts.append(frame)
         best.add(frame)

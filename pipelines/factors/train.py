@@ -56,13 +56,18 @@ class FactorConfig:
     shuffle_batches: int = 4  # the shuffle buffer holds this many minibatches
     batch_tokens: int = 8192  # padded tokens per forward pass
     nonneg_dict: bool = False  # also keep the atoms non-negative (codes always are)
+    #: FISTA steps per row: few while training (inexact codes are enough for the online
+    #: updates), more for the evaluation pass and ``apply`` (benchmarks/factor_solver.py).
+    train_steps: int = 50
+    encode_steps: int = 100
     include_special: bool = False  # [CLS], [SEP], ... rows too
     normalise: bool = True  # unit-length rows: one λ means the same at every layer
     seed: int = 0
     windows: WindowConfig = field(default_factory=WindowConfig)
 
     def check(self) -> None:
-        for name in ("n_factors", "epochs", "minibatch", "shuffle_batches", "batch_tokens"):
+        for name in ("n_factors", "epochs", "minibatch", "shuffle_batches", "batch_tokens",
+                     "train_steps", "encode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.sparsity <= 0:
@@ -179,7 +184,7 @@ def train_factors(inputs: list[str | Path], out: str | Path, config: FactorConfi
              config.n_factors * width * 4 / 1e6, config.epochs)
     learner = DictionaryLearner(width, config.n_factors, config.sparsity,
                                 nonneg_dict=config.nonneg_dict, seed=config.seed,
-                                device=str(backend.device))
+                                device=str(backend.device), encode_steps=config.train_steps)
     history = _fit(learner, backend, files, columns, windower, config, layers, n_rows, progress)
     errors = _evaluate(learner, backend, files, columns, windower, config, layers, n_rows,
                        progress)
@@ -222,7 +227,8 @@ def _evaluate(learner: DictionaryLearner, backend: TorchBackend, files: list[Pat
     bar = tqdm(total=n_rows, unit="row", unit_scale=True, disable=not progress,
                desc="evaluating", dynamic_ncols=True)
     for rows in corpus_rows(backend, files, columns, windower, config, layers):
-        codes = encode(rows.vectors, dictionary, config.sparsity, gram=gram)  # [N, k]
+        codes = encode(rows.vectors, dictionary, config.sparsity, config.encode_steps,
+                       gram=gram)  # [N, k]
         errors.add(rows, codes, dictionary)
         bar.update(len(rows.vectors))
     bar.close()

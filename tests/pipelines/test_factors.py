@@ -104,7 +104,7 @@ def test_codes_equal_a_direct_forward_pass(codes: Path, trained: tuple[Path, dic
     for layer in range(7):
         x = states[layer][0][torch.from_numpy(content)]
         x = x / x.norm(dim=1, keepdim=True)
-        want = encode(x, atoms, CONFIG.sparsity).numpy()  # [n content tokens, k]
+        want = encode(x, atoms, CONFIG.sparsity, CONFIG.encode_steps).numpy()  # [n, k]
         positions = mine["position"].to_numpy()[content]
         dense = np.zeros_like(want)
         rows = got[got["layer"] == layer]
