@@ -3,6 +3,8 @@
 Each measurement runs in a fresh process (``--child``), so peak RSS is that job's alone: the
 model is loaded, the process's peak is reset, then the job runs and its peak is read
 (VmHWM, Linux). The corpus is the demo paragraphs; the 4× corpus repeats them under new ids.
+``apply`` writes shards of ``--shard-tokens`` so that both corpora fill many shards (memory
+grows with the shard until it is full, then stays flat).
 Training and applying are timed on both corpora; the dictionary for ``apply`` is the one
 trained on the 1× corpus. It reports and never asserts. ``--help`` lists the options.
 """
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=int, default=150, help="documents in the 1× corpus")
     parser.add_argument("--n-factors", type=int, default=512, help="dictionary size (512)")
     parser.add_argument("--sparsity", type=float, default=0.1, help="λ (default 0.1)")
+    parser.add_argument("--shard-tokens", type=int, default=2048,
+                        help="apply's shard size: both corpora fill many shards (2048)")
     parser.add_argument("--child", nargs=4, metavar=("STEP", "CORPUS", "OUT", "DICT"),
                         help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -49,7 +53,8 @@ def child(step: str, corpus: str, out: str, dictionary: str, args: argparse.Name
         manifest = train_factors([corpus], out, config, progress=False)
         tokens, rows = manifest["rows"]["tokens"], manifest["rows"]["rows"]
     else:
-        manifest = apply_factors(dictionary, [corpus], out, device="cpu", progress=False)
+        manifest = apply_factors(dictionary, [corpus], out, device="cpu",
+                                 shard_tokens=args.shard_tokens, progress=False)
         tokens, rows = manifest["counts"]["tokens"], manifest["counts"]["factor_activations"]
     print(json.dumps({"tokens": tokens, "rows": rows, "seconds": time.perf_counter() - start,
                       "peak_kb": _memory_kb()["VmHWM"], "reset": reset}))
@@ -58,7 +63,8 @@ def child(step: str, corpus: str, out: str, dictionary: str, args: argparse.Name
 def spawn(step: str, corpus: Path, out: Path, dictionary: Path,
           args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--n-factors",
-               str(args.n_factors), "--sparsity", str(args.sparsity), "--child", step,
+               str(args.n_factors), "--sparsity", str(args.sparsity), "--shard-tokens",
+               str(args.shard_tokens), "--child", step,
                str(corpus), str(out), str(dictionary)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
