@@ -24,7 +24,7 @@ GROW, SHRINK = 1.25, 0.5  # a row's step: tried 1.25 times larger each step, hal
 def lipschitz(gram: torch.Tensor) -> float:
     """Largest eigenvalue of ΦΦᵀ [k, k]: the gradient's Lipschitz constant, FISTA's 1/step.
 
-    Computed in float64 (exact enough for a step size, and faster than float32 on CPU).
+    Computed in float64: an underestimate would make the step unsafe.
     """
     return float(torch.linalg.eigvalsh(gram.double()).max())
 
@@ -77,7 +77,8 @@ def _attempt(run: _Running, step: torch.Tensor, gram: torch.Tensor, floor: float
 
     Returns (accepted [m], α_{i+1} [m, k], α_{i+1} G [m, k], t_{i+1} [m, 1], y [m, k]). The
     step is accepted when ½‖x − αΦ‖² at α_{i+1} is below its quadratic model at y with
-    curvature 1/step, i.e. DᵀGD ≤ ‖D‖²/step with D = α_{i+1} − y (always at 1/L).
+    curvature 1/step, i.e. DᵀGD ≤ ‖D‖²/step with D = α_{i+1} − y; a step of 1/L (``floor``)
+    always is.
     """
     t_next = (1 + torch.sqrt(1 + 4 * (run.step / step) * run.t * run.t)) / 2  # [m, 1]
     weight = (run.t - 1) / t_next  # [m, 1]: momentum
@@ -92,15 +93,13 @@ def _attempt(run: _Running, step: torch.Tensor, gram: torch.Tensor, floor: float
     return accepted[:, 0], updated, updated_gram, t_next, momentum
 
 
-def _iterate(run: _Running, gram: torch.Tensor, floor: float) -> _Running:
+def _iterate(run: _Running, gram: torch.Tensor, floor: float, ceiling: float) -> _Running:
     """One accepted FISTA step for every running row (backtracking where needed)."""
-    step = run.step * GROW  # [m, 1]
+    step = (run.step * GROW).clamp_max(ceiling)  # [m, 1]
     accepted, updated, updated_gram, t_next, momentum = _attempt(run, step, gram, floor)
     retry = torch.nonzero(~accepted).flatten()  # [r]
-    for shrink in (SHRINK, 0.0):  # once smaller, then 1/L (always accepted)
-        if len(retry) == 0:
-            break
-        step[retry] = (step[retry] * shrink).clamp_min(floor)
+    while len(retry):
+        step[retry] = (step[retry] * SHRINK).clamp_min(floor)
         retried = _attempt(run.subset(retry), step[retry], gram, floor)
         updated[retry], updated_gram[retry], t_next[retry], momentum[retry] = retried[1:]
         retry = retry[~retried[0]]
@@ -121,11 +120,12 @@ def encode(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: in
     Each step is a gradient step on ½‖x − αΦ‖² from the momentum point y, then the prox
     α ← max(α − step·λ, 0), so inactive codes are exactly 0. The step is each row's own: it
     starts at 1/L (L the largest eigenvalue of ΦΦᵀ, always safe), is tried ``GROW`` times
-    larger at every step and shrunk by ``SHRINK`` (never below 1/L) until ½‖x − αΦ‖² stays
-    under its quadratic model (backtracking that may increase the step, with t updated for it:
-    Scheinberg, Goldfarb and Bai, 2014). Sparse codes of anisotropic hidden states only feel
-    the curvature of their few active atoms, often tens of times below L. Momentum restarts
-    for a row whose step goes against it (O'Donoghue and Candès, 2015).
+    larger at every step (up to 1/max_j ‖φ_j‖², the curvature along one atom) and shrunk by
+    ``SHRINK`` (never below 1/L) until ½‖x − αΦ‖² stays under its quadratic model:
+    backtracking that may also increase the step, with t updated for it (Scheinberg, Goldfarb
+    and Bai, 2014). Sparse codes of anisotropic hidden states only feel the curvature of their
+    few active atoms, often tens of times below L. Momentum restarts for a row whose step goes
+    against it (O'Donoghue and Candès, 2015).
 
     Every ``CHECK_EVERY`` steps, a row whose duality gap is at most ``tol`` times its
     objective stops (its objective is then within ``tol``, relatively, of the minimum); the
@@ -135,6 +135,7 @@ def encode(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: in
     """
     gram = dictionary @ dictionary.T if gram is None else gram  # [k, k]
     floor = 1.0 / (lipschitz(gram) if lipschitz_constant is None else lipschitz_constant)
+    ceiling = max(floor, 1.0 / float(gram.diagonal().max()))
     codes = (torch.zeros(len(x), len(dictionary), dtype=x.dtype, device=x.device)
              if init is None else init.to(x).clamp_min(0))  # [n, k]: α, the result
     if len(x) == 0:
@@ -144,7 +145,7 @@ def encode(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: in
     run = _Running(torch.arange(len(x), device=x.device), x, x @ dictionary.T - sparsity,
                    codes.clone(), codes_gram, codes.clone(), codes_gram, scalar, floor * scalar)
     for index in range(1, steps + 1):
-        run = _iterate(run, gram, floor)
+        run = _iterate(run, gram, floor, ceiling)
         if index % CHECK_EVERY or index == steps:
             continue
         gap, primal = _certificate(run.inputs, run.codes, dictionary, sparsity)  # [m], [m]

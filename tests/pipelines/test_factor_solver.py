@@ -76,15 +76,20 @@ def test_codes_equal_scikit_learn(problem: str) -> None:
     assert float((converged - want).abs().max()) <= 1e-5 * scale
     ours, theirs = (objective(x, c, atoms, sparsity) for c in (converged, want))  # [n]
     assert (ours <= theirs + 1e-10).all()  # never worse than scikit-learn
-    # the pipeline's settings (float32, default steps and tolerance)
+    assert same_support(converged, want, 1e-6 * scale)
+    # float32 with the default steps and tolerance (a duality gap of 1e-4 of the objective)
     default = encode(x.float(), atoms.float(), sparsity).double()
     assert (default >= 0).all()
     assert float((default - want).abs().max()) <= 1e-3 * scale
     np.testing.assert_allclose(objective(x, default, atoms, sparsity).numpy(), theirs.numpy(),
                                rtol=1e-4)
-    clear = (want - 1e-3 * scale).abs() > 1e-3 * scale  # entries not near zero...
-    support = (default > 1e-3 * scale) == (want > 1e-3 * scale)
-    assert support[clear].all()  # ...are active in both or in neither
+    assert same_support(default, want, 1e-3 * scale)
+
+
+def same_support(ours: torch.Tensor, theirs: torch.Tensor, near: float) -> bool:
+    """Active (> ``near``) in both or in neither, except where ``theirs`` is in (0, 2·near]."""
+    clear = (theirs == 0) | (theirs > 2 * near)
+    return bool(((ours > near) == (theirs > near))[clear].all())
 
 
 def test_codes_satisfy_the_optimality_conditions() -> None:
@@ -148,7 +153,8 @@ def test_a_row_codes_the_same_alone_or_in_a_batch() -> None:
 @pytest.mark.parametrize("nonneg_dict", [True, False])
 def test_planted_atoms_are_recovered(nonneg_dict: bool) -> None:
     rows, atoms = planted()
-    learner = DictionaryLearner(64, 32, sparsity=0.1, nonneg_dict=nonneg_dict, seed=1)
+    learner = DictionaryLearner(64, 32, sparsity=0.1, nonneg_dict=nonneg_dict, seed=1,
+                                encode_steps=50)  # as `factors train` does
     generator = torch.Generator().manual_seed(5)
     errors = []
     for _ in range(3):
@@ -193,14 +199,16 @@ def test_state_is_bounded_and_zero_weights_change_nothing() -> None:
     assert sum(t.numel() for t in learner.state_dict().values()) == 32 * 64 * 2 + 32 * 32 + 1
     twin = DictionaryLearner(64, 32, sparsity=0.05, seed=1)
     twin.load_state_dict(learner.state_dict())
-    batch = rows[:512]
+    batch, ignored = rows[:512], 5 * rows[512:1024]  # rows that would weigh a lot
     first = learner.partial_fit(batch)
-    second = twin.partial_fit(torch.cat([batch, 5 * rows[512:1024]]),
+    second = twin.partial_fit(torch.cat([batch, ignored]),
                               weights=torch.cat([torch.ones(512), torch.zeros(512)]))
-    torch.testing.assert_close(learner.code_data, twin.code_data)
-    torch.testing.assert_close(learner.code_gram, twin.code_gram)
-    torch.testing.assert_close(learner.dictionary, twin.dictionary)
-    assert first == pytest.approx(second, rel=1e-5)
+    # equal up to the solver's accuracy (a batch of another size rounds differently, which
+    # may move a row's stopping step): weight-0 rows five times larger add nothing
+    for name in ("code_gram", "code_data", "dictionary"):
+        ours, theirs = getattr(learner, name), getattr(twin, name)
+        assert float((ours - theirs).abs().max()) <= 1e-4 * float(ours.abs().max()), name
+    assert first == pytest.approx(second, rel=1e-4)
 
 
 def test_learning_is_deterministic_with_a_seed() -> None:
