@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.config import AttentionMode, ConfigError
 
@@ -15,19 +15,22 @@ RequestAnalysis = Literal["patterns", "words"]
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
+def _require_content(value: str) -> str:
+    if not value.strip():
+        raise ValueError("text is blank")
+    return value
+
+
+#: A text with at least one non-space character.
+Text = Annotated[str, Field(min_length=1), AfterValidator(_require_content)]
+
+
 class InputItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1)
+    text: Text
     id: str | None = Field(None, min_length=1, max_length=256)
     text_pair: str | None = None
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text is blank")
-        return value
 
 
 class AttentionRequest(BaseModel):
@@ -90,7 +93,7 @@ class ViewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"text": "The cat sat on the mat.", "text_pair": "It was happy."}]})
 
-    text: str = Field(min_length=1)
+    text: Text
     text_pair: str | None = None
     id: str = Field("view", min_length=1, max_length=256)
     model: str | None = Field(None, description="a configured model name (GET /v1/models)")
@@ -100,13 +103,6 @@ class ViewRequest(BaseModel):
     truncate: bool = False
     qk: bool | None = Field(None, description="query/key vectors for the neuron view (default: "
                                               "when the model runs on the torch backend)")
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text is blank")
-        return value
 
     @field_validator("attention")
     @classmethod

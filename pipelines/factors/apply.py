@@ -252,13 +252,13 @@ def _finish(root: Path, best: TopActivations, profile: Profile, dictionary: Dict
     atomic_write_parquet(root / "factor_top" / part_name(0), top, 65536)
     atomic_write_parquet(root / "factor_profile" / part_name(0), profile.table(), 65536)
     manifest = json.loads((root / MANIFEST).read_text())
-    activations = pq.ParquetDataset(root / "factor_activations").read(columns=["factor"])
+    codes = int(profile.active.sum())  # every non-zero code was counted once by the profile
     manifest.update(status="complete", seconds=seconds, counts={
         "documents": summary.documents, "tokens": tokens,
-        "factor_activations": activations.num_rows, "factor_top": top.num_rows})
+        "factor_activations": codes, "factor_top": top.num_rows})
     atomic_write_json(root / MANIFEST, manifest)
     log.info("wrote %s: %d non-zero codes for %d tokens in %.1f s", root,
-             activations.num_rows, tokens, seconds)
+             codes, tokens, seconds)
     return manifest
 
 
