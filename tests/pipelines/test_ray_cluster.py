@@ -149,12 +149,25 @@ def test_ray_job_submit(cluster: Cluster, corpus: Path, reference: Path,
     assert_datasets_equal(out, reference, atol=1e-6)
 
 
+def shard_workers() -> list[psutil.Process]:
+    """The inference actors' processes on this machine (Ray titles them `ray::ShardWorker...`)."""
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("ShardWorker" in part for part in p.info["cmdline"] or [])]
+
+
+def wait_for_no_shard_workers() -> None:
+    """Ray kills a dead driver's actors, but a moment later: one may finish a shard meanwhile."""
+    deadline = time.monotonic() + 60
+    while shard_workers():
+        assert time.monotonic() < deadline, "the dead driver's actors still run after 60 s"
+        time.sleep(0.2)
+
+
 def test_an_inference_actor_killed_mid_job(cluster: Cluster, corpus: Path, reference: Path,
                                            tmp_path: Path) -> None:
     job = start_job(cluster, corpus, tmp_path / "out")
     wait_for_shards(tmp_path / "out", job, 3)
-    actors = [p for p in psutil.process_iter(["cmdline"])
-              if any("ShardWorker" in part for part in p.info["cmdline"] or [])]
+    actors = shard_workers()
     assert actors, "no inference actor process found"
     actors[0].send_signal(signal.SIGKILL)
     code, output = finish(job)
@@ -170,6 +183,7 @@ def test_the_driver_killed_mid_job_and_resumed(cluster: Cluster, corpus: Path,
     wait_for_shards(out, job, 5)
     job.send_signal(signal.SIGKILL)
     job.wait()
+    wait_for_no_shard_workers()
     written = shards_written(out)
     assert 5 <= written < 68 and manifest(out)["status"] == "running"
     code, output = finish(start_job(cluster, corpus, out, "--resume"))
