@@ -80,18 +80,21 @@ class LayerErrors:
 
     squared_error: dict[int, float] = field(default_factory=dict)
     squared_norm: dict[int, float] = field(default_factory=dict)
+    #: Σ‖min(x, 0)‖²: what non-negative atoms with non-negative codes can never rebuild
+    squared_negative: dict[int, float] = field(default_factory=dict)
     active: dict[int, float] = field(default_factory=dict)
     rows: dict[int, int] = field(default_factory=dict)
 
     def add(self, rows: TokenRows, codes: torch.Tensor, dictionary: torch.Tensor) -> None:
         residual = (rows.vectors - codes @ dictionary).square().sum(dim=1)  # [N]
         energy = rows.vectors.square().sum(dim=1)  # [N]
+        negative = rows.vectors.clamp_max(0).square().sum(dim=1)  # [N]
         active = (codes > 0).sum(dim=1).float()  # [N]
         for layer in np.unique(rows.layer):
             mask = torch.from_numpy(rows.layer == layer).to(codes.device)
             key = int(layer)
             for store, values in ((self.squared_error, residual), (self.squared_norm, energy),
-                                  (self.active, active)):
+                                  (self.squared_negative, negative), (self.active, active)):
                 store[key] = store.get(key, 0.0) + float(values[mask].sum())
             self.rows[key] = self.rows.get(key, 0) + int(mask.sum())
 
@@ -102,6 +105,10 @@ class LayerErrors:
             "relative_error_by_layer": {str(x): self.squared_error[x] / self.squared_norm[x]
                                         for x in layers},
             "relative_error": sum(self.squared_error.values()) / sum(self.squared_norm.values()),
+            "nonneg_floor_by_layer": {str(x): self.squared_negative[x] / self.squared_norm[x]
+                                      for x in layers},
+            "nonneg_floor": (sum(self.squared_negative.values())
+                             / sum(self.squared_norm.values())),
             "mean_active_by_layer": {str(x): self.active[x] / self.rows[x] for x in layers},
             "mean_active": sum(self.active.values()) / total,
             "rows_by_layer": {str(x): self.rows[x] for x in layers},
