@@ -78,6 +78,46 @@ def test_training_reports_errors_and_sparsity_per_layer(trained: tuple[Path, dic
     assert rows == manifest["rows"]["rows"] == 7 * sum(content)
 
 
+def test_the_evaluation_equals_a_numpy_recomputation(codes: Path, trained: tuple[Path, dict],
+                                                      minilm: TorchBackend) -> None:
+    """Per-layer error, floor and sparsity from the model called directly and the written codes."""
+    atoms = load_file(str(trained[0] / "dictionary.safetensors"))["dictionary"].double().numpy()
+    activations = table(codes, "factor_activations")
+    sums = {key: np.zeros(7) for key in ("error", "norm", "negative", "active", "rows")}
+    for doc_id, mine in table(codes, "tokens").groupby("doc_id"):
+        mine = mine.sort_values("position")
+        content = ~mine["is_special"].to_numpy()
+        dense = np.zeros((7, len(mine), len(atoms)))  # [layer, position, factor]
+        got = activations[activations["doc_id"] == doc_id]
+        dense[got["layer"].to_numpy(int), got["position"].to_numpy(int),
+              got["factor"].to_numpy(int)] = got["activation"].to_numpy()
+        ids = torch.tensor(mine["token_id"].to_numpy(np.int64))[None]
+        with torch.inference_mode():
+            states = minilm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  output_hidden_states=True).hidden_states  # 7 × [1, S, D]
+        for layer in range(7):
+            x = states[layer][0].double().numpy()[content]  # [n, D]
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            alpha = dense[layer][content]  # [n, k]
+            sums["error"][layer] += np.square(x - alpha @ atoms).sum()
+            sums["norm"][layer] += np.square(x).sum()
+            sums["negative"][layer] += np.square(np.minimum(x, 0)).sum()
+            sums["active"][layer] += (alpha > 0).sum()
+            sums["rows"][layer] += len(x)
+    evaluation = trained[1]["evaluation"]
+    for layer in range(7):
+        key = str(layer)
+        assert evaluation["rows_by_layer"][key] == sums["rows"][layer]
+        assert evaluation["relative_error_by_layer"][key] == pytest.approx(
+            sums["error"][layer] / sums["norm"][layer], rel=1e-3)
+        assert evaluation["nonneg_floor_by_layer"][key] == pytest.approx(
+            sums["negative"][layer] / sums["norm"][layer], rel=1e-4)
+        assert evaluation["mean_active_by_layer"][key] == pytest.approx(
+            sums["active"][layer] / sums["rows"][layer], abs=0.01)
+    assert evaluation["relative_error"] == pytest.approx(sums["error"].sum() / sums["norm"].sum(),
+                                                         rel=1e-3)
+
+
 def test_a_dictionary_folder_is_write_once(trained: tuple[Path, dict], corpus: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     before = (trained[0] / "dictionary.safetensors").read_bytes()
