@@ -18,6 +18,9 @@ from dataclasses import dataclass, fields
 import torch
 
 CHECK_EVERY = 10  # FISTA steps between two duality-gap checks
+#: rows × factors solved at once: FISTA holds a few [rows, k] tensors, so this bounds its memory
+#: (about 16 MB each in float32) whatever the number of rows passed to ``encode``
+CHUNK_ELEMENTS = 1 << 22
 GROW, SHRINK = 1.25, 0.5  # a row's step: tried 1.25 times larger each step, halved on failure
 
 
@@ -130,11 +133,25 @@ def encode(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: in
     Every ``CHECK_EVERY`` steps, a row whose duality gap is at most ``tol`` times its
     objective stops (its objective is then within ``tol``, relatively, of the minimum); the
     others stop after ``steps``. Stopped rows leave the batch, so each row's result depends on
-    that row alone. ``gram`` (ΦΦᵀ) and ``lipschitz_constant`` (its largest eigenvalue) may be
+    that row alone, and rows are solved ``CHUNK_ELEMENTS // k`` at a time to bound memory.
+    ``gram`` (ΦΦᵀ) and ``lipschitz_constant`` (its largest eigenvalue) may be
     passed to reuse them across batches; ``init`` [n, k] warm-starts.
     """
     gram = dictionary @ dictionary.T if gram is None else gram  # [k, k]
-    floor = 1.0 / (lipschitz(gram) if lipschitz_constant is None else lipschitz_constant)
+    constant = lipschitz(gram) if lipschitz_constant is None else lipschitz_constant
+    chunk = max(1, CHUNK_ELEMENTS // len(dictionary))  # rows per FISTA batch
+    if len(x) <= chunk:
+        return _fista(x, dictionary, sparsity, steps, tol, gram, init, constant)
+    return torch.cat([_fista(x[start:start + chunk], dictionary, sparsity, steps, tol, gram,
+                             None if init is None else init[start:start + chunk], constant)
+                      for start in range(0, len(x), chunk)])
+
+
+def _fista(x: torch.Tensor, dictionary: torch.Tensor, sparsity: float, steps: int,
+           tol: float, gram: torch.Tensor, init: torch.Tensor | None,
+           lipschitz_constant: float) -> torch.Tensor:
+    """``encode`` for one batch of rows, all held at once."""
+    floor = 1.0 / lipschitz_constant
     ceiling = max(floor, 1.0 / float(gram.diagonal().max()))
     codes = (torch.zeros(len(x), len(dictionary), dtype=x.dtype, device=x.device)
              if init is None else init.to(x).clamp_min(0))  # [n, k]: α, the result

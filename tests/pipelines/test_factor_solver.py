@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.decomposition import sparse_encode
 
+from pipelines.factors import solver
 from pipelines.factors.solver import (
     DictionaryLearner,
     duality_gap,
@@ -148,6 +149,19 @@ def test_a_row_codes_the_same_alone_or_in_a_batch() -> None:
             alone = encode(x[index:index + 1], dictionary, 0.1)[0]  # [k]
             np.testing.assert_allclose(batched[index].numpy(), alone.numpy(), rtol=0,
                                        atol=atol * float(batched[index].max()))
+
+
+def test_rows_are_solved_in_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory is bounded by solving CHUNK_ELEMENTS // k rows at a time; results do not change."""
+    rows, atoms = planted(n=64)
+    x, dictionary = rows.double(), atoms.double()
+    whole = encode(x, dictionary, 0.1)  # [64, k]: one chunk
+    warm = encode(x, dictionary, 0.1, steps=20)  # [64, k]: an unfinished start point
+    warm_whole = encode(x, dictionary, 0.1, steps=30, init=warm)
+    monkeypatch.setattr(solver, "CHUNK_ELEMENTS", 5 * len(dictionary))  # 5 rows per chunk
+    np.testing.assert_allclose(encode(x, dictionary, 0.1).numpy(), whole.numpy(), atol=1e-12)
+    np.testing.assert_allclose(encode(x, dictionary, 0.1, steps=30, init=warm).numpy(),
+                               warm_whole.numpy(), atol=1e-12)
 
 
 @pytest.mark.parametrize("nonneg_dict", [True, False])
