@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/factor_solver.py
 	$(BIN)/python benchmarks/factors.py
+	$(BIN)/python benchmarks/factors_demo.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:
