@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="padded tokens per forward pass: both corpora fill them (2048)")
     parser.add_argument("--scale", type=int, default=4,
                         help="the larger corpus is the first one repeated this often (4)")
+    parser.add_argument("--apply-only", action="store_true",
+                        help="train on the first corpus only (for apply's dictionary)")
     parser.add_argument("--child", nargs=4, metavar=("STEP", "CORPUS", "OUT", "DICT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -106,6 +108,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     results = {}
     for step in ("train", "apply"):
         for corpus in (small, large):
+            if step == "train" and corpus == large and args.apply_only:
+                continue
             out = work / f"{step}-{corpus.stem}"
             results[(step, corpus.stem)] = report = spawn(step, corpus, out,
                                                           work / "train-1x", args)
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                   f"({report['rows']:,} {unit}) in {report['seconds']:6.1f} s = "
                   f"{report['tokens'] / report['seconds']:6,.0f} tok/s; peak RSS "
                   f"{report['peak_kb'] / 1024:,.0f} MB")
-    for step in ("train", "apply"):
+    for step in ("apply",) if args.apply_only else ("train", "apply"):
         ratio = results[(step, large.stem)]["peak_kb"] / results[(step, "1x")]["peak_kb"]
         print(f"  {step}: {args.scale}× / 1× peak RSS = {ratio:.3f}")
 

@@ -55,6 +55,7 @@ FACTOR_ACTIVATIONS = pa.schema([
     ("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
     ("position", pa.uint16()), ("factor", pa.uint16()), ("activation", pa.float32())])
 ACTIVATION_KEYS = ("doc_id", "window", "layer", "position", "factor")
+TOKEN_KEYS = ("doc_id", "window", "position")
 FACTOR_TOP = pa.schema([
     ("factor", pa.uint16()), ("layer", pa.uint8()), ("rank", pa.uint16()),
     ("activation", pa.float32()), ("doc_id", pa.string()), ("window", pa.uint16()),
@@ -263,22 +264,49 @@ def _finish(root: Path, best: TopActivations, profile: Profile, dictionary: Dict
 
 
 def _with_context(root: Path, frame: pd.DataFrame) -> pa.Table:
-    """The top activations with their token and ``CONTEXT`` tokens each side."""
+    """The top activations with their token and ``CONTEXT`` tokens each side.
+
+    The tokens are read one part at a time, keeping only positions within ``CONTEXT`` of a
+    top activation, so memory is bounded by the top lists, not by the corpus.
+    """
     if frame.empty:
         return FACTOR_TOP.empty_table()
-    keys = frame[["doc_id", "window"]].drop_duplicates()
-    tokens = pq.read_table(root / "tokens", columns=["doc_id", "window", "position", "token"],
-                           filters=[("doc_id", "in", sorted(set(keys["doc_id"])))]).to_pandas()
-    texts = {key: group.sort_values("position")["token"].tolist()
-             for key, group in tokens.groupby(["doc_id", "window"])}
     frame = frame.reset_index(drop=True)
     frame["rank"] = frame.groupby(["factor", "layer"]).cumcount()
-    context = [(texts[(d, w)][max(0, p - CONTEXT):p], texts[(d, w)][p],
-                texts[(d, w)][p + 1:p + 1 + CONTEXT])
-               for d, w, p in zip(frame["doc_id"], frame["window"], frame["position"],
-                                  strict=True)]
-    frame["before"] = [" ".join(c[0]) for c in context]
-    frame["token"] = [c[1] for c in context]
-    frame["after"] = [" ".join(c[2]) for c in context]
+    near = _context_keys(frame[list(TOKEN_KEYS)].drop_duplicates())
+    token_at = pd.concat([_tokens_part(part).merge(near, on=list(TOKEN_KEYS))
+                          for part in sorted((root / "tokens").glob("*.parquet"))]
+                         ).set_index(list(TOKEN_KEYS))["token"]
+    shifted = {offset: _shifted_tokens(frame, token_at, offset)
+               for offset in range(-CONTEXT, CONTEXT + 1)}
+    frame["token"] = shifted[0]
+    frame["before"] = _joined([shifted[o] for o in range(-CONTEXT, 0)])
+    frame["after"] = _joined([shifted[o] for o in range(1, CONTEXT + 1)])
     return pa.Table.from_pandas(frame[FACTOR_TOP.names], schema=FACTOR_TOP,
                                 preserve_index=False)
+
+
+def _context_keys(anchors: pd.DataFrame) -> pd.DataFrame:
+    """(doc_id, window, position) of every token within ``CONTEXT`` of an anchor."""
+    offsets = np.arange(-CONTEXT, CONTEXT + 1)
+    near = anchors.loc[anchors.index.repeat(len(offsets))]
+    near = near.assign(position=near["position"].to_numpy(np.int64)
+                       + np.tile(offsets, len(anchors)))
+    return near[near["position"] >= 0].drop_duplicates()
+
+
+def _tokens_part(part: Path) -> pd.DataFrame:
+    tokens = pq.read_table(part, columns=[*TOKEN_KEYS, "token"]).to_pandas()
+    return tokens.astype({"doc_id": str, "position": np.int64})
+
+
+def _shifted_tokens(frame: pd.DataFrame, token_at: pd.Series, offset: int) -> list:
+    """The token ``offset`` positions from each top activation (NaN past its window's ends)."""
+    index = pd.MultiIndex.from_arrays([frame["doc_id"], frame["window"],
+                                       frame["position"].to_numpy(np.int64) + offset])
+    return token_at.reindex(index).tolist()
+
+
+def _joined(columns: list[list]) -> list[str]:
+    """Row-wise " ".join of the tokens that exist (a context stops at its window's ends)."""
+    return [" ".join(t for t in row if isinstance(t, str)) for row in zip(*columns, strict=True)]

@@ -22,7 +22,7 @@ from test_views_browser import CHROMIUM, CHROMIUM_ARGS, Watched
 from pipelines.backends.torch_backend import TorchBackend
 from pipelines.cli import main
 from pipelines.demo import paragraphs
-from pipelines.factors.apply import apply_factors
+from pipelines.factors.apply import CONTEXT, apply_factors
 from pipelines.factors.solver import encode
 from pipelines.factors.train import FactorConfig, train_factors
 from pipelines.views.factor_page import render_factor_page
@@ -184,10 +184,16 @@ def test_top_contexts_are_the_largest_codes(codes: Path) -> None:
     keys = ["factor", "layer", "doc_id", "window", "position"]
     pd.testing.assert_frame_equal(got[keys], want[keys], check_dtype=False)
     np.testing.assert_allclose(got["activation"], want["activation"])
-    tokens = table(codes, "tokens").set_index(["doc_id", "window", "position"])["token"]
-    assert list(got["token"]) == [tokens[(d, w, p)] for d, w, p in
-                                  zip(got["doc_id"], got["window"], got["position"],
-                                      strict=True)]
+    texts = {key: list(group.sort_values("position")["token"])
+             for key, group in table(codes, "tokens").groupby(["doc_id", "window"])}
+    anchors = list(zip(got["doc_id"], got["window"], got["position"], strict=True))
+    assert list(got["token"]) == [texts[(d, w)][p] for d, w, p in anchors]
+    assert list(got["before"]) == [" ".join(texts[(d, w)][max(0, p - CONTEXT):p])
+                                   for d, w, p in anchors]
+    assert list(got["after"]) == [" ".join(texts[(d, w)][p + 1:p + 1 + CONTEXT])
+                                  for d, w, p in anchors]
+    assert any(p < CONTEXT for _, _, p in anchors)  # contexts cut at both window ends
+    assert any(p + CONTEXT >= len(texts[(d, w)]) for d, w, p in anchors)
 
 
 def test_profile_is_the_mean_code_per_layer(codes: Path, trained: tuple[Path, dict]) -> None:
