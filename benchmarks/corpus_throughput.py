@@ -572,6 +572,13 @@ def make_config(args: argparse.Namespace) -> RunConfig:
                      windows=WindowConfig(max_length=args.max_length))
 
 
+def print_allocator_settings() -> None:
+    """Name any glibc ``MALLOC_*`` tunable in effect: it changes peak memory and speed."""
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc:
+        print(f"allocator settings: {malloc}")
+
+
 def header(args: argparse.Namespace, backend: Backend, corpus: Corpus, load_s: float) -> None:
     info = backend.info
     print(f"headscope corpus throughput — code {code_state()}")
@@ -579,9 +586,7 @@ def header(args: argparse.Namespace, backend: Backend, corpus: Corpus, load_s: f
           f"heads) on CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"model loaded in {load_s:.1f} s (not timed)")
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    if malloc:
-        print(f"allocator settings: {malloc}")
+    print_allocator_settings()
     print(f"corpus: Python help-topic paragraphs, evenly spaced: {describe_corpus(corpus)}")
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from corpus_throughput import _memory_kb, _reset_peak
+from corpus_throughput import _memory_kb, _reset_peak, print_allocator_settings
 
 from pipelines.demo import paragraphs
 
@@ -102,9 +102,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"minilm on CPU, all 7 hidden-state layers, {args.n_factors} factors, λ "
           f"{args.sparsity}; batches of {args.batch_tokens} tokens, apply's shards of "
           f"{args.shard_tokens}; each job in its own process")
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    if malloc:
-        print(f"allocator settings: {malloc}")
+    print_allocator_settings()
     results = {}
     for step in ("train", "apply"):
         for corpus in (small, large):

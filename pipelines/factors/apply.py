@@ -275,7 +275,7 @@ def _with_context(root: Path, frame: pd.DataFrame) -> pa.Table:
     frame["rank"] = frame.groupby(["factor", "layer"]).cumcount()
     near = _context_keys(frame[list(TOKEN_KEYS)].drop_duplicates())
     token_at = pd.concat([_tokens_part(part).merge(near, on=list(TOKEN_KEYS))
-                          for part in sorted((root / "tokens").glob("*.parquet"))]
+                          for part in sorted((root / "tokens").glob("part-*.parquet"))]
                          ).set_index(list(TOKEN_KEYS))["token"]
     shifted = {offset: _shifted_tokens(frame, token_at, offset)
                for offset in range(-CONTEXT, CONTEXT + 1)}

@@ -60,6 +60,17 @@ def table(root: Path, name: str) -> pd.DataFrame:
     return frame
 
 
+def content_states(minilm: TorchBackend, mine: pd.DataFrame) -> list[torch.Tensor]:
+    """Per layer, the unit-length hidden states [n, D] of one window's non-special tokens
+    (``mine``: its rows of ``tokens``, by position), from the model called directly."""
+    ids = torch.tensor(mine["token_id"].to_numpy(np.int64))[None]  # [1, S]
+    with torch.inference_mode():
+        states = minilm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              output_hidden_states=True).hidden_states  # L+1 × [1, S, D]
+    content = torch.from_numpy(~mine["is_special"].to_numpy())  # [S]
+    return [layer[0][content] / layer[0][content].norm(dim=1, keepdim=True) for layer in states]
+
+
 def test_training_reports_errors_and_sparsity_per_layer(trained: tuple[Path, dict],
                                                         minilm: TorchBackend) -> None:
     folder, manifest = trained
@@ -91,13 +102,8 @@ def test_the_evaluation_equals_a_numpy_recomputation(codes: Path, trained: tuple
         got = activations[activations["doc_id"] == doc_id]
         dense[got["layer"].to_numpy(int), got["position"].to_numpy(int),
               got["factor"].to_numpy(int)] = got["activation"].to_numpy()
-        ids = torch.tensor(mine["token_id"].to_numpy(np.int64))[None]
-        with torch.inference_mode():
-            states = minilm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  output_hidden_states=True).hidden_states  # 7 × [1, S, D]
-        for layer in range(7):
-            x = states[layer][0].double().numpy()[content]  # [n, D]
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        for layer, states in enumerate(content_states(minilm, mine)):
+            x = states.double().numpy()  # [n, D]
             alpha = dense[layer][content]  # [n, k]
             sums["error"][layer] += np.square(x - alpha @ atoms).sum()
             sums["norm"][layer] += np.square(x).sum()
@@ -134,16 +140,10 @@ def test_codes_equal_a_direct_forward_pass(codes: Path, trained: tuple[Path, dic
     tokens = table(codes, "tokens")
     doc_id = str(tokens["doc_id"].iloc[0])
     mine = tokens[tokens["doc_id"] == doc_id].sort_values("position")
-    ids = torch.tensor(mine["token_id"].to_numpy(np.int64))[None]
-    with torch.inference_mode():
-        states = minilm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                              output_hidden_states=True).hidden_states  # L+1 × [1, S, D]
     atoms = load_file(str(trained[0] / "dictionary.safetensors"))["dictionary"]
     content = ~mine["is_special"].to_numpy()
     got = activations[activations["doc_id"] == doc_id]
-    for layer in range(7):
-        x = states[layer][0][torch.from_numpy(content)]
-        x = x / x.norm(dim=1, keepdim=True)
+    for layer, x in enumerate(content_states(minilm, mine)):
         want = encode(x, atoms, CONFIG.sparsity, CONFIG.encode_steps).numpy()  # [n, k]
         positions = mine["position"].to_numpy()[content]
         dense = np.zeros_like(want)
