@@ -19,10 +19,10 @@ from pathlib import Path
 from corpus_throughput import evenly_spaced, make_corpus, timed_job
 
 from pipelines.analysis.ablation import HeadMask, head_importance, load_for_ablation
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig
-from pipelines.demo import paragraphs
-from pipelines.tokenize import Windower
+from pipelines.jobs.demo import paragraphs
+from pipelines.text.tokenize import Windower
 
 VARIANTS = {"no analysis": (), "patterns": ("patterns",), "words": ("words",),
             "similarity": ("similarity",), "all three": ("patterns", "words", "similarity")}

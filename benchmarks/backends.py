@@ -30,13 +30,13 @@ from corpus_throughput import (
 )
 
 from pipelines.backends import Backend
-from pipelines.backends.onnx_backend import SLOWER_FUSIONS, OnnxBackend
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import Batch
+from pipelines.backends.batching import Batch
+from pipelines.backends.onnx.backend import SLOWER_FUSIONS, OnnxBackend
+from pipelines.backends.onnx.export import export_onnx, graph_inputs
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
-from pipelines.demo import paragraphs
-from pipelines.onnx_export import export_onnx, graph_inputs
-from pipelines.tokenize import Windower
+from pipelines.jobs.demo import paragraphs
+from pipelines.text.tokenize import Windower
 
 MODES = ("none", "topk:8")
 

@@ -1,6 +1,6 @@
 """Corpus throughput benchmark: the job against a bare forward pass, a naive loop, memory, size.
 
-One run, one corpus (prose paragraphs of the Python help topics, ``pipelines.demo``), one
+One run, one corpus (prose paragraphs of the Python help topics, ``pipelines.jobs.demo``), one
 preloaded model on the CPU. It reports, and never asserts:
 
 (a) job tokens/s (``run_job``, statistics + topk:8, Parquet) over bare forward tokens/s with
@@ -38,13 +38,13 @@ import pandas as pd
 import torch
 
 from pipelines.backends import Backend, create_backend
-from pipelines.batching import Batch, collate, plan_batches
+from pipelines.backends.batching import Batch, collate, plan_batches
+from pipelines.compute.reference import all_heads
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.demo import paragraphs
-from pipelines.job import run_job
-from pipelines.plan import fill_shards
-from pipelines.reference import all_heads
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.jobs.demo import paragraphs
+from pipelines.jobs.local import run_job
+from pipelines.text.plan import fill_shards
+from pipelines.text.tokenize import Document, Window, Windower
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("none", "topk:8", "threshold:0.1", "full")

@@ -25,9 +25,9 @@ import torch
 from corpus_throughput import evenly_spaced
 
 from pipelines.config import AttentionMode, RunConfig
-from pipelines.demo import paragraphs
-from pipelines.job import JobResult, run_job
-from pipelines.ray_job import RayOptions, run_ray_job
+from pipelines.jobs.demo import paragraphs
+from pipelines.jobs.local import JobResult, run_job
+from pipelines.jobs.ray_engine import RayOptions, run_ray_job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,12 +16,12 @@ import time
 import torch
 from sklearn.decomposition import sparse_encode
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.sparse_coding import encode, objective
 from pipelines.config import WindowConfig
-from pipelines.demo import paragraphs
-from pipelines.factors.hidden import token_rows
-from pipelines.factors.solver import encode, objective
-from pipelines.tokenize import Document, Windower
+from pipelines.jobs.demo import paragraphs
+from pipelines.jobs.factors.hidden import token_rows
+from pipelines.text.tokenize import Document, Windower
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from corpus_throughput import _memory_kb, _reset_peak, print_allocator_settings
 
-from pipelines.demo import paragraphs
+from pipelines.jobs.demo import paragraphs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def child(step: str, corpus: str, out: str, dictionary: str, args: argparse.Namespace) -> None:
     """In a fresh process: one train or apply job; print tokens, seconds and peak RSS."""
-    from pipelines.backends.torch_backend import TorchBackend
-    from pipelines.factors.apply import apply_factors
-    from pipelines.factors.train import FactorConfig, train_factors
+    from pipelines.backends.torch.backend import TorchBackend
+    from pipelines.jobs.factors.apply import apply_factors
+    from pipelines.jobs.factors.train import FactorConfig, train_factors
 
     TorchBackend("minilm", "cpu")  # imports and the model's first load, before the reset
     reset = _reset_peak()

@@ -1,6 +1,6 @@
 """Transformer factors on the demo corpus: reconstruction error and sparsity per layer.
 
-Trains MiniLM dictionaries on the demo paragraphs (`pipelines.demo.paragraphs()`), once with
+Trains MiniLM dictionaries on the demo paragraphs (`pipelines.jobs.demo.paragraphs()`), once with
 signed atoms (the default) and once with non-negative atoms (``--nonneg-dict``); the codes are
 non-negative in both. For each hidden-state layer it prints the relative reconstruction error
 ‖x − αΦ‖² / ‖x‖² and the mean number of active factors per token, as the final evaluation pass
@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.demo import write_corpus
-from pipelines.factors.train import FactorConfig, train_factors
+from pipelines.jobs.demo import write_corpus
+from pipelines.jobs.factors.train import FactorConfig, train_factors
 
 VARIANTS = {"signed atoms": False, "atoms ≥ 0": True}
 

@@ -3,7 +3,7 @@
 Starts a local Ray and Serve in this process, deploys the app built by ``service.app.build``
 with ``max_batch_size`` 32 and drives it for a fixed time with N concurrent clients (asyncio +
 httpx, keep-alive connections), each POSTing one short English text per request (one or two
-sentences of the Python help topics, ``pipelines.demo.paragraphs()``). Then it replaces the
+sentences of the Python help topics, ``pipelines.jobs.demo.paragraphs()``). Then it replaces the
 app by one with ``max_batch_size`` 1 and sends the same traffic for the same time.
 
 It prints requests/s and documents/s of each mode, the throughput ratio (target >= 2x at 32
@@ -42,7 +42,7 @@ LOG_CAP = 1000  # ModelWorker.batch_size_log keeps the last 1000 batches
 
 def short_texts() -> list[str]:
     """One or two sentences of every prose paragraph of the Python help topics."""
-    from pipelines.demo import paragraphs
+    from pipelines.jobs.demo import paragraphs
 
     out = []
     for paragraph in paragraphs():

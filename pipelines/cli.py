@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pipelines import __version__
+from pipelines.backends.onnx.export import DEFAULT_OPSET, ExportError
 from pipelines.config import (
     BACKENDS,
     AttentionMode,
@@ -17,10 +18,9 @@ from pipelines.config import (
     WindowConfig,
     parse_analyses,
 )
-from pipelines.inputs import Columns, InputError
+from pipelines.dataset.writer import OutputError
 from pipelines.models import REGISTRY, ModelError
-from pipelines.onnx_export import DEFAULT_OPSET, ExportError
-from pipelines.writer import OutputError
+from pipelines.text.inputs import Columns, InputError
 
 USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
 
@@ -115,7 +115,7 @@ def _check_engine_options(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.job import run_job
+    from pipelines.jobs.local import run_job
 
     for name in ("batch_tokens", "shard_tokens"):
         if getattr(args, name) < 1:
@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     options = {"resume": args.resume, "overwrite": args.overwrite,
                "progress": not args.no_progress}
     if args.engine == "ray":
-        from pipelines.ray_job import RayOptions, run_ray_job
+        from pipelines.jobs.ray_engine import RayOptions, run_ray_job
 
         ray_options = RayOptions(args.address, args.workers, args.worker_cpus, args.worker_gpus)
         result = run_ray_job(args.inputs, args.out, config, _columns(args), options=ray_options,
@@ -167,7 +167,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipelines.onnx_export import export_onnx
+    from pipelines.backends.onnx.export import export_onnx
 
     metadata = export_onnx(args.model, args.out, args.hidden_states, args.opset, args.overwrite,
                            args.allow_download)
@@ -199,7 +199,7 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from pipelines.ablate import run_ablation
+    from pipelines.jobs.ablation import run_ablation
 
     out = run_ablation(args.inputs, args.out, args.model, args.heads,
                        _window_config(args), args.seed, args.device, _columns(args),
@@ -236,8 +236,8 @@ def _new_file(path: str, overwrite: bool, suffixes: tuple[str, ...]) -> Path:
 
 
 def _view(args: argparse.Namespace) -> int:
+    from pipelines.dataset.writer import atomic_write_bytes
     from pipelines.views import DocumentView
-    from pipelines.writer import atomic_write_bytes
 
     out = _new_file(args.out, args.overwrite, (".html", ".htm"))
     try:
@@ -326,7 +326,7 @@ def _add_factors(sub: argparse._SubParsersAction) -> None:
 
 
 def _factors_train(args: argparse.Namespace) -> int:
-    from pipelines.factors.train import FactorConfig, train_factors
+    from pipelines.jobs.factors.train import FactorConfig, train_factors
 
     config = FactorConfig(model=args.model, device=args.device, layers=args.layers,
                           n_factors=args.n_factors, sparsity=args.sparsity, epochs=args.epochs,
@@ -343,7 +343,7 @@ def _factors_train(args: argparse.Namespace) -> int:
 
 
 def _factors_apply(args: argparse.Namespace) -> int:
-    from pipelines.factors.apply import apply_factors
+    from pipelines.jobs.factors.apply import apply_factors
 
     if args.top < 1:
         raise ConfigError("--top must be a positive integer")
@@ -357,8 +357,8 @@ def _factors_apply(args: argparse.Namespace) -> int:
 
 
 def _factors_page(args: argparse.Namespace) -> int:
+    from pipelines.dataset.writer import atomic_write_bytes
     from pipelines.views.factor_page import render_factor_page
-    from pipelines.writer import atomic_write_bytes
 
     out = _new_file(args.out, args.overwrite, (".html", ".htm"))
     atomic_write_bytes(out, render_factor_page(args.codes, args.factor).encode("utf-8"))
@@ -373,7 +373,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipelines import demo
+    from pipelines.jobs import demo
 
     demo.main(args.out, args.limit)
     return 0

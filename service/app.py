@@ -30,16 +30,18 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines import STATS_VERSION, __version__, schema, stages
+from pipelines import STATS_VERSION, __version__
+from pipelines.analysis import batch as stages
 from pipelines.analysis.ablation import HeadMask
 from pipelines.analysis.words import words_table
+from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_analyses
+from pipelines.dataset import schema
+from pipelines.dataset.writer import append_parts
 from pipelines.models import ModelInfo, load_tokenizer
-from pipelines.stats import DEFINITIONS, K90_MASS
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 from pipelines.views.data import build_payload
 from pipelines.views.html import default_title, render_html
-from pipelines.writer import append_parts
 from service.config import ServiceConfig
 from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription, ViewRequest
 from service.worker import DocumentJob, ModelWorker

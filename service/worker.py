@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from pipelines import stages
+from pipelines.analysis import batch as stages
 from pipelines.analysis.ablation import HeadMask
 from pipelines.backends import Backend, create_backend
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
-from pipelines.tokenize import Window
+from pipelines.text.tokenize import Window
 from service.config import ModelConfig
 
 log = logging.getLogger(__name__)

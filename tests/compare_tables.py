@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import AttentionMode
-from pipelines.stats import STAT_NAMES
+from pipelines.dataset import schema
 
 STAT_ATOL = 1e-5
 #: Statistics measured in tokens. Their rounding error grows with the distance (up to the

@@ -39,10 +39,10 @@ from transformers.utils import logging as hf_logging
 
 from pipelines import models
 from pipelines.backends.base import resolve_device
-from pipelines.batching import collate, plan_batches
+from pipelines.backends.batching import collate, plan_batches
 from pipelines.config import ConfigError
 from pipelines.models import ModelInfo
-from pipelines.tokenize import Window
+from pipelines.text.tokenize import Window
 
 log = logging.getLogger(__name__)
 

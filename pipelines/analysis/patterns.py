@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.stats import keys_visible
+from pipelines.compute.stats import keys_visible
 
 PATTERN_CLASSES: tuple[str, ...] = (
     "vertical", "diagonal", "vertical+diagonal", "block", "heterogeneous")

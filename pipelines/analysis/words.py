@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.schema import WORDS
-from pipelines.tokenize import Window
+from pipelines.dataset.schema import WORDS
+from pipelines.text.tokenize import Window
 
 
 def word_of_token(window: Window) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from pipelines.batching import Batch
+from pipelines.backends.batching import Batch
 from pipelines.config import BACKENDS, ConfigError, OnnxOptions
 from pipelines.models import ModelInfo, onnx_metadata
 
@@ -62,9 +62,9 @@ def create_backend(name: str, model: str, device: str = "auto", dtype: str = "fl
                    allow_download: bool = False, onnx: OnnxOptions | None = None) -> Backend:
     """Build the backend called ``name`` (auto, torch or onnx) for ``model``."""
     if choose_backend(name, model) == "onnx":
-        from pipelines.backends.onnx_backend import OnnxBackend
+        from pipelines.backends.onnx.backend import OnnxBackend
 
         return OnnxBackend(model, device, dtype, onnx)
-    from pipelines.backends.torch_backend import TorchBackend
+    from pipelines.backends.torch.backend import TorchBackend
 
     return TorchBackend(model, device, dtype, allow_download)

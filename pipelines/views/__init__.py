@@ -12,7 +12,7 @@ from functools import cached_property
 from html import escape
 from pathlib import Path
 
-from pipelines.reader import Dataset
+from pipelines.dataset.reader import Dataset
 from pipelines.views.data import QK_TABLE, view_data
 from pipelines.views.html import default_title, render_html, render_view
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.reader import Dataset
+from pipelines.dataset.reader import Dataset
 
 FORMAT = "headscope-view/1"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).

@@ -8,7 +8,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from pipelines.reader import Dataset
+from pipelines.dataset.reader import Dataset
 from pipelines.views.data import view_data
 
 #: The page may run its own inline script and styles and show data: images; nothing else

@@ -32,9 +32,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from pipelines.analysis.patterns import PATTERN_CLASSES
-from pipelines.reader import Dataset
-from pipelines.stats import DEFINITIONS
-from pipelines.writer import atomic_write_bytes, pattern_shares
+from pipelines.compute.stats import DEFINITIONS
+from pipelines.dataset.reader import Dataset
+from pipelines.dataset.writer import atomic_write_bytes, pattern_shares
 
 KINDS = ("heatmap", "patterns", "layers")
 SUFFIXES = (".png", ".svg")

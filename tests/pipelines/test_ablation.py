@@ -32,10 +32,10 @@ from pipelines.analysis.ablation import (
     load_for_ablation,
     mlm_positions,
 )
-from pipelines.batching import collate, plan_batches
+from pipelines.backends.batching import collate, plan_batches
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import SUPPORTED_TYPES, resolve
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 
 LAYER, HEAD = 1, 2
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",

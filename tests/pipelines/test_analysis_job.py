@@ -14,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_TEXTS
 
-from pipelines import schema, stages
+from pipelines.analysis import batch as stages
 from pipelines.analysis.patterns import PATTERN_CLASSES
-from pipelines.analysis.similarity import HeadSimilarity
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate, plan_batches
+from pipelines.backends.batching import collate, plan_batches
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.similarity import HeadSimilarity
 from pipelines.config import ConfigError, RunConfig, WindowConfig, parse_analyses
-from pipelines.job import run_job
-from pipelines.reader import Dataset
-from pipelines.tokenize import Document, Windower
+from pipelines.dataset import schema
+from pipelines.dataset.reader import Dataset
+from pipelines.jobs.local import run_job
+from pipelines.text.tokenize import Document, Windower
 
 ANALYSES = ("patterns", "words", "similarity")
 WINDOWS = WindowConfig(max_length=32, stride=8)

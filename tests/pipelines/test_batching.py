@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate, plan_batches
+from pipelines.backends.batching import collate, plan_batches
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 
 
 def random_lengths(seed: int, count: int = 200, high: int = 300) -> list[int]:

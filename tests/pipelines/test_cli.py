@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.reader import Dataset
-from pipelines.schema import TABLES
+from pipelines.dataset.reader import Dataset
+from pipelines.dataset.schema import TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "headscope"

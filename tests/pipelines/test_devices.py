@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines import stages
+from pipelines.analysis import batch as stages
 from pipelines.backends.base import resolve_device
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import ConfigError, RunConfig, WindowConfig
-from pipelines.stats import STAT_NAMES
-from pipelines.tokenize import Document, Windower
+from pipelines.text.tokenize import Document, Windower
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.decomposition import sparse_encode
 
-from pipelines.factors import solver
-from pipelines.factors.solver import (
+from pipelines.compute import sparse_coding as solver
+from pipelines.compute.sparse_coding import (
     DictionaryLearner,
     duality_gap,
     encode,

@@ -19,12 +19,12 @@ from playwright.sync_api import Browser, sync_playwright
 from safetensors.torch import load_file
 from test_views_browser import CHROMIUM, CHROMIUM_ARGS, Watched
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.cli import main
-from pipelines.demo import paragraphs
-from pipelines.factors.apply import CONTEXT, apply_factors
-from pipelines.factors.solver import encode
-from pipelines.factors.train import FactorConfig, train_factors
+from pipelines.compute.sparse_coding import encode
+from pipelines.jobs.demo import paragraphs
+from pipelines.jobs.factors.apply import CONTEXT, apply_factors
+from pipelines.jobs.factors.train import FactorConfig, train_factors
 from pipelines.views.factor_page import render_factor_page
 
 CONFIG = FactorConfig(model="minilm", device="cpu", n_factors=96, sparsity=0.15, epochs=2,

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.inputs import Columns, InputError, expand, read_documents, validate
-from pipelines.tokenize import Document
+from pipelines.text.inputs import Columns, InputError, expand, read_documents, validate
+from pipelines.text.tokenize import Document
 
 DEFAULT = Columns()
 

@@ -18,13 +18,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.stats import DEFINITIONS, STAT_NAMES
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
-from pipelines.inputs import Columns, expand
-from pipelines.job import run_job, survey
-from pipelines.stats import DEFINITIONS, STAT_NAMES
-from pipelines.tokenize import Windower
+from pipelines.dataset import schema
+from pipelines.jobs.local import run_job, survey
+from pipelines.text.inputs import Columns, expand
+from pipelines.text.tokenize import Windower
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "pipelines"]

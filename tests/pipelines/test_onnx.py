@@ -23,19 +23,21 @@ import torch
 from compare_tables import assert_same_tables
 from conftest import SAMPLE_TEXTS
 
-from pipelines import models, onnx_export, stages
+from pipelines import models
+from pipelines.analysis import batch as stages
 from pipelines.backends import create_backend
 from pipelines.backends.base import choose_backend
-from pipelines.backends.onnx_backend import CPU, OnnxBackend
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate, plan_batches
+from pipelines.backends.batching import collate, plan_batches
+from pipelines.backends.onnx import export as onnx_export
+from pipelines.backends.onnx.backend import CPU, OnnxBackend
+from pipelines.backends.onnx.export import ExportError, export_onnx, state_dict_sha256
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
-from pipelines.job import run_job
+from pipelines.dataset.reader import Dataset
+from pipelines.dataset.writer import UMASK
+from pipelines.jobs.local import run_job
 from pipelines.models import ModelError
-from pipelines.onnx_export import ExportError, export_onnx, state_dict_sha256
-from pipelines.reader import Dataset
-from pipelines.tokenize import Document, Windower
-from pipelines.writer import UMASK
+from pipelines.text.tokenize import Document, Windower
 
 ATTENTION_ATOL = 1e-4
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 3

@@ -18,10 +18,10 @@ from pipelines.analysis.patterns import (
     classify,
     pattern_scores,
 )
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 
 TOL = 1e-5
 LENGTHS = (16, 23, 40)

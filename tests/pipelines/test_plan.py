@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_TEXTS
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import RunConfig, WindowConfig
-from pipelines.inputs import Columns, InputError, read_documents
-from pipelines.job import survey
-from pipelines.plan import PlanBuilder, unit_shards
-from pipelines.tokenize import Windower
+from pipelines.jobs.local import survey
+from pipelines.text.inputs import Columns, InputError, read_documents
+from pipelines.text.plan import PlanBuilder, unit_shards
+from pipelines.text.tokenize import Windower
 
 
 def plain_plan(file_docs: list[list[int]], limit: int) -> list[list[list[int]]]:

@@ -16,14 +16,15 @@ import pytest
 from conftest import SAMPLE_TEXTS
 from matplotlib.colors import Normalize, to_hex
 
-from pipelines import schema
 from pipelines.analysis.patterns import PATTERN_CLASSES
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.cli import main
+from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import RunConfig, WindowConfig
-from pipelines.job import run_job
-from pipelines.reader import Dataset
-from pipelines.stats import STAT_NAMES
+from pipelines.dataset import schema
+from pipelines.dataset.reader import Dataset
+from pipelines.dataset.writer import atomic_write_parquet
+from pipelines.jobs.local import run_job
 from pipelines.views import plots
 from pipelines.views.plots import (
     PlotError,
@@ -35,7 +36,6 @@ from pipelines.views.plots import (
     plot,
     stat_matrix,
 )
-from pipelines.writer import atomic_write_parquet
 
 TEXTS = [*SAMPLE_TEXTS, " ".join(SAMPLE_TEXTS) * 2, "Is it raining?", "Yes; it pours."]
 SVG = "{http://www.w3.org/2000/svg}"

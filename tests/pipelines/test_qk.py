@@ -11,12 +11,12 @@ import pytest
 from conftest import SAMPLE_TEXTS
 
 from pipelines.backends import create_backend
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, ConfigError, RunConfig
-from pipelines.inputs import Columns, read_documents
-from pipelines.job import run_job
-from pipelines.tokenize import Windower
+from pipelines.jobs.local import run_job
+from pipelines.text.inputs import Columns, read_documents
+from pipelines.text.tokenize import Windower
 
 
 def write_corpus(folder: Path) -> Path:

@@ -25,7 +25,7 @@ from compare_tables import assert_datasets_equal
 from conftest import free_port
 
 from pipelines.config import AttentionMode, RunConfig
-from pipelines.job import run_job
+from pipelines.jobs.local import run_job
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEADSCOPE = str(Path(sys.executable).with_name("headscope"))

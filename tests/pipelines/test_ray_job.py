@@ -15,8 +15,8 @@ from compare_tables import assert_datasets_equal
 from conftest import SAMPLE_TEXTS
 
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
-from pipelines.job import run_job
-from pipelines.ray_job import READ_CPUS, RayOptions, place_workers, run_ray_job
+from pipelines.jobs.local import run_job
+from pipelines.jobs.ray_engine import READ_CPUS, RayOptions, place_workers, run_ray_job
 
 CONFIG = RunConfig(device="cpu", attention=AttentionMode.parse("topk:4"),
                    windows=WindowConfig(max_length=48, stride=8), shard_tokens=60,

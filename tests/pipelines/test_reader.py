@@ -1,4 +1,4 @@
-"""Reading a dataset back with ``pipelines.reader.Dataset``."""
+"""Reading a dataset back with ``pipelines.dataset.reader.Dataset``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig
-from pipelines.job import run_job
-from pipelines.reader import Dataset, open_dataset
-from pipelines.schema import TABLES
+from pipelines.dataset.reader import Dataset, open_dataset
+from pipelines.dataset.schema import TABLES
+from pipelines.jobs.local import run_job
 
 DOCS = [
     {"id": "cat", "text": "The cat sat on the mat. It was happy!"},

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.kept import kept_weights
+from pipelines.compute.stats import row_order
 from pipelines.config import AttentionMode, WindowConfig
-from pipelines.reduce import kept_weights
-from pipelines.stats import row_order
-from pipelines.tokenize import Document, Windower
+from pipelines.text.tokenize import Document, Windower
 
 COLUMNS = ("batch_index", "layer", "head", "query", "key", "weight")
 

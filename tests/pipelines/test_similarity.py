@@ -13,11 +13,11 @@ import torch
 from conftest import SAMPLE_TEXTS
 from scipy.spatial.distance import jensenshannon
 
-from pipelines.analysis.similarity import CHUNK_CELLS, HeadSimilarity, chunk_shape, coordinates
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.similarity import CHUNK_CELLS, HeadSimilarity, chunk_shape, coordinates
 from pipelines.config import WindowConfig
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 
 TOL = 1e-6
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines import reference, stages
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.analysis import batch as stages
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute import reference
+from pipelines.compute.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Document, Window, Windower
 
 TOL = 1e-5
 LOCAL_WINDOW = 2

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_TEXTS
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import ConfigError, WindowConfig
-from pipelines.tokenize import Document, Window, Windower, is_punctuation
+from pipelines.text.tokenize import Document, Window, Windower, is_punctuation
 
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2
 ASCII_TEXT = "The Quick brown fox jumps over lazy dogs while tokenization happens quietly"

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.job import run_job
-from pipelines.reader import Dataset
+from pipelines.dataset.reader import Dataset
+from pipelines.jobs.local import run_job
 from pipelines.views import DocumentView, render_html, render_view, view_data
 from pipelines.views.data import unb64
 from pipelines.views.html import asset, payload_json

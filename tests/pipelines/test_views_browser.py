@@ -25,7 +25,7 @@ from test_views import (
     window_tables,
 )
 
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
 from pipelines.views import DocumentView
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines import schema, stages
+from pipelines.analysis import batch as stages
 from pipelines.analysis import words
-from pipelines.backends.torch_backend import TorchBackend
-from pipelines.batching import collate
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.tokenize import Document, Windower
+from pipelines.dataset import schema
+from pipelines.text.tokenize import Document, Windower
 
 TEXTS = ["Unbelievably, the antidisestablishmentarian cat-sat.", *SAMPLE_TEXTS]
 PAIR = Document("pair", "Where did the tokenizer split?", text_pair="Everywhere, surprisingly.")

@@ -33,12 +33,13 @@ import requests
 from compare_tables import assert_attention_equal, assert_same_tables
 from conftest import SAMPLE_TEXTS, free_port
 
-from pipelines import schema, stages
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.analysis import batch as stages
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.job import run_job
-from pipelines.reader import Dataset
-from pipelines.tokenize import Document, Windower
+from pipelines.dataset import schema
+from pipelines.dataset.reader import Dataset
+from pipelines.jobs.local import run_job
+from pipelines.text.tokenize import Document, Windower
 from pipelines.views import view_data
 from pipelines.views.data import unb64
 from service.schemas import ARROW_STREAM

@@ -11,10 +11,11 @@ import pytest
 from compare_tables import STAT_ATOL, assert_same_tables
 from conftest import SAMPLE_TEXTS
 
-from pipelines import schema, stages
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.analysis import batch as stages
+from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.dataset import schema
+from pipelines.text.tokenize import Document, Window, Windower
 from service.worker import DocumentJob, analyse_documents
 
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 3  # several windows at max_length 32

@@ -31,12 +31,12 @@ import numpy as np
 
 from pipelines.backends import create_backend
 from pipelines.config import ConfigError, RunConfig
-from pipelines.inputs import Columns
-from pipelines.job import JobResult, finish, prepare, progress_bar, shard_tables
-from pipelines.plan import ReadUnit, unit_shards
-from pipelines.runtime import keep_freed_memory, release_freed_memory
-from pipelines.tokenize import Windower
-from pipelines.writer import DatasetWriter
+from pipelines.dataset.writer import DatasetWriter
+from pipelines.jobs.local import JobResult, finish, prepare, progress_bar, shard_tables
+from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
+from pipelines.text.inputs import Columns
+from pipelines.text.plan import ReadUnit, unit_shards
+from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
 #: CPUs a read-and-tokenise task reserves; the inference actors leave at least this much free.

@@ -16,10 +16,10 @@ import torch
 
 from pipelines import models
 from pipelines.backends.base import resolve_device
-from pipelines.batching import Batch
+from pipelines.backends.batching import Batch
+from pipelines.backends.onnx.export import FORMAT, GraphNames, graph_inputs
 from pipelines.config import ConfigError, OnnxOptions
 from pipelines.models import ModelError
-from pipelines.onnx_export import FORMAT, GraphNames, graph_inputs
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipelines import __version__
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.sparse_coding import DictionaryLearner, encode
 from pipelines.config import ConfigError, WindowConfig
-from pipelines.factors.hidden import TokenRows, parse_layers, token_rows
-from pipelines.factors.solver import DictionaryLearner, encode
-from pipelines.inputs import Columns, expand, read_documents, validate
-from pipelines.plan import document_windows
-from pipelines.tokenize import Window, Windower
-from pipelines.writer import DatasetWriter, atomic_write_json
+from pipelines.dataset.writer import DatasetWriter, atomic_write_json
+from pipelines.jobs.factors.hidden import TokenRows, parse_layers, token_rows
+from pipelines.text.inputs import Columns, expand, read_documents, validate
+from pipelines.text.plan import document_windows
+from pipelines.text.tokenize import Window, Windower
 
 log = logging.getLogger(__name__)
 DICTIONARY = "dictionary.safetensors"
@@ -257,7 +257,7 @@ def _manifest(config: FactorConfig, info, layers: tuple[int, ...], width: int, s
         "sparsity": config.sparsity,
         "objective": "per row: ½‖x − αΦ‖² + λ‖α‖₁ with α ≥ 0 and unit-length atoms"
                      + (" ≥ 0" if config.nonneg_dict else ""),
-        "solver": "FISTA codes (pipelines/factors/solver.py) and online block-coordinate "
+        "solver": "FISTA codes (pipelines/compute/sparse_coding.py) and online block-coordinate "
                   "dictionary updates",
         "rows": {"tokens": tokens, "rows": n_rows, "normalised": config.normalise,
                  "special_tokens": config.include_special},

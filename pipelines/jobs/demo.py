@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.config import RunConfig
-from pipelines.job import run_job
+from pipelines.jobs.local import run_job
 
 log = logging.getLogger(__name__)
 MIN_CHARS = 80

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import ConfigError
-from pipelines.inputs import Columns, InputError, read_documents
-from pipelines.tokenize import Document, Window, Windower
+from pipelines.text.inputs import Columns, InputError, read_documents
+from pipelines.text.tokenize import Document, Window, Windower
 
 
 @dataclass(frozen=True)

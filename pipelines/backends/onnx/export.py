@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pipelines import __version__, models
-from pipelines.batching import Batch, collate
+from pipelines.backends.batching import Batch, collate
 from pipelines.config import WindowConfig
-from pipelines.tokenize import Document, Windower
-from pipelines.writer import UMASK, atomic_write_json
+from pipelines.dataset.writer import UMASK, atomic_write_json
+from pipelines.text.tokenize import Document, Windower
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from pipelines.stats import K90_MASS
+from pipelines.compute.stats import K90_MASS
 
 
 def one_head(a: np.ndarray, is_sep: np.ndarray, is_special: np.ndarray, is_punct: np.ndarray,

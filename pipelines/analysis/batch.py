@@ -12,17 +12,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines import schema
 from pipelines.analysis import words
 from pipelines.analysis.ablation import QueryKey, capture_queries_keys
 from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds, classify, pattern_scores
-from pipelines.analysis.similarity import HeadSimilarity
 from pipelines.backends.base import Backend
-from pipelines.batching import Batch, collate, plan_batches
+from pipelines.backends.batching import Batch, collate, plan_batches
+from pipelines.compute.kept import kept_weights
+from pipelines.compute.similarity import HeadSimilarity
+from pipelines.compute.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
 from pipelines.config import ConfigError, RunConfig
-from pipelines.reduce import kept_weights
-from pipelines.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
-from pipelines.tokenize import Window
+from pipelines.dataset import schema
+from pipelines.text.tokenize import Window
 
 
 def documents_table(windows: list[Window]) -> pa.Table:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from pipelines.backends.base import Backend
-from pipelines.batching import Batch, collate, plan_batches
+from pipelines.backends.batching import Batch, collate, plan_batches
 from pipelines.config import ConfigError
-from pipelines.tokenize import Window
+from pipelines.text.tokenize import Window
 
 
 @dataclass

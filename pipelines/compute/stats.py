@@ -3,7 +3,8 @@
 Notation (see docs/statistics.md): A is one head's attention restricted to the n valid
 positions; rows are queries i, columns keys j; k_i is the number of keys query i may see
 (n for bidirectional models, i + 1 for causal ones). "mean_i" averages over valid query rows.
-Everything runs in float32. ``pipelines.reference`` holds the same definitions as plain loops.
+Everything runs in float32. ``pipelines.compute.reference`` holds the same definitions as
+plain loops.
 """
 
 from __future__ import annotations

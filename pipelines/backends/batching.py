@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.tokenize import Window
+from pipelines.text.tokenize import Window
 
 
 @dataclass

@@ -24,10 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import schema
 from pipelines.analysis.patterns import PATTERN_CLASSES
-from pipelines.analysis.similarity import coordinates
-from pipelines.stats import STAT_NAMES
+from pipelines.compute.similarity import coordinates
+from pipelines.compute.stats import STAT_NAMES
+from pipelines.dataset import schema
 
 MANIFEST = "manifest.json"
 SHARDS = "_shards"

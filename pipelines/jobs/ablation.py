@@ -21,10 +21,10 @@ from pipelines.analysis.ablation import (
     load_for_ablation,
 )
 from pipelines.config import WindowConfig
-from pipelines.inputs import Columns, expand, read_documents, validate
-from pipelines.plan import document_windows
-from pipelines.tokenize import Windower
-from pipelines.writer import DatasetWriter, atomic_write_parquet, part_name
+from pipelines.dataset.writer import DatasetWriter, atomic_write_parquet, part_name
+from pipelines.text.inputs import Columns, expand, read_documents, validate
+from pipelines.text.plan import document_windows
+from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
 

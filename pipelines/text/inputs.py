@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.tokenize import Document
+from pipelines.text.tokenize import Document
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 

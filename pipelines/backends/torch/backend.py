@@ -9,7 +9,7 @@ import torch
 from pipelines import models
 from pipelines.analysis import ablation
 from pipelines.backends.base import resolve_device
-from pipelines.batching import Batch
+from pipelines.backends.batching import Batch
 
 
 class EmptyAttentionError(RuntimeError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipelines.stats import STAT_NAMES
+from pipelines.compute.stats import STAT_NAMES
 
 TABLES = ("documents", "tokens", "head_stats", "attention")
 #: Tables a job writes per shard when an analysis asks for them (``--analyses``).

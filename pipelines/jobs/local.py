@@ -14,18 +14,19 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipelines import STATS_VERSION, __version__, stages
-from pipelines.analysis.similarity import HeadSimilarity
+from pipelines import STATS_VERSION, __version__
+from pipelines.analysis import batch as stages
 from pipelines.backends import Backend, create_backend
+from pipelines.compute.similarity import HeadSimilarity
+from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import RunConfig
-from pipelines.inputs import Columns, InputSummary, expand, read_documents, validate
+from pipelines.dataset.schema import SIMILARITY_PARTS
+from pipelines.dataset.writer import DatasetWriter
+from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.models import ModelInfo
-from pipelines.plan import PlanBuilder, ReadUnit, Shard, document_windows, unit_shards
-from pipelines.runtime import keep_freed_memory, release_freed_memory
-from pipelines.schema import SIMILARITY_PARTS
-from pipelines.stats import DEFINITIONS, K90_MASS
-from pipelines.tokenize import Window, Windower
-from pipelines.writer import DatasetWriter
+from pipelines.text.inputs import Columns, InputSummary, expand, read_documents, validate
+from pipelines.text.plan import PlanBuilder, ReadUnit, Shard, document_windows, unit_shards
+from pipelines.text.tokenize import Window, Windower
 
 log = logging.getLogger(__name__)
 #: Uncompressed bytes of one attention row (keys, positions, weight, doc_id dictionary index).

@@ -34,17 +34,23 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from pipelines import __version__, stages
-from pipelines.backends.torch_backend import TorchBackend
+from pipelines import __version__
+from pipelines.analysis import batch as stages
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
-from pipelines.factors.hidden import TokenRows, token_rows
-from pipelines.factors.solver import encode
-from pipelines.factors.train import DICTIONARY, FORMAT, MANIFEST
-from pipelines.inputs import Columns, expand, validate
-from pipelines.job import survey
-from pipelines.plan import Shard, unit_shards
-from pipelines.tokenize import Windower
-from pipelines.writer import DatasetWriter, atomic_write_json, atomic_write_parquet, part_name
+from pipelines.dataset.writer import (
+    DatasetWriter,
+    atomic_write_json,
+    atomic_write_parquet,
+    part_name,
+)
+from pipelines.jobs.factors.hidden import TokenRows, token_rows
+from pipelines.jobs.factors.train import DICTIONARY, FORMAT, MANIFEST
+from pipelines.jobs.local import survey
+from pipelines.text.inputs import Columns, expand, validate
+from pipelines.text.plan import Shard, unit_shards
+from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
 #: Tokens of context kept on each side of a top activation.

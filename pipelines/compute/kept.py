@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipelines.compute.stats import keys_visible
 from pipelines.config import AttentionMode
-from pipelines.stats import keys_visible
 
 
 def visible_pairs(valid: torch.Tensor, causal: bool) -> torch.Tensor:
