@@ -18,7 +18,9 @@ from pathlib import Path
 
 from corpus_throughput import evenly_spaced, make_corpus, timed_job
 
-from pipelines.analysis.ablation import HeadMask, head_importance, load_for_ablation
+from pipelines.analysis.importance import head_importance
+from pipelines.backends.head_mask import HeadMask
+from pipelines.backends.torch.ablation import load_for_ablation
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig
 from pipelines.jobs.demo import paragraphs

@@ -199,11 +199,12 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from pipelines.jobs.ablation import run_ablation
+    from pipelines.jobs.ablation import AblationConfig, run_ablation
 
-    out = run_ablation(args.inputs, args.out, args.model, args.heads,
-                       _window_config(args), args.seed, args.device, _columns(args),
-                       args.overwrite, progress=not args.no_progress)
+    config = AblationConfig(model=args.model, heads=tuple(args.heads or ()),
+                            windows=_window_config(args), seed=args.seed, device=args.device)
+    out = run_ablation(args.inputs, args.out, config, _columns(args), args.overwrite,
+                       progress=not args.no_progress)
     print(f"wrote {out}/head_importance")
     return 0
 
@@ -395,12 +396,36 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     demo.set_defaults(func=_demo)
+    _add_serve(sub)
     sub.choices["run"].set_defaults(func=_run)
     return top
 
 
-def main(argv: list[str] | None = None, top: argparse.ArgumentParser | None = None) -> int:
-    args = (top or parser()).parse_args(argv)
+DEFAULT_SERVE_CONFIG = "deploy/serve.yaml"
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service (Ray Serve)",
+                           description="Run the HTTP service on a local Ray (or --address).")
+    serve.add_argument("--config",
+                       help=f"Serve config file (default {DEFAULT_SERVE_CONFIG} if present)")
+    serve.add_argument("--host", help="override http_options.host")
+    serve.add_argument("--port", type=int, help="override http_options.port")
+    serve.add_argument("--address", default=None, help="an existing Ray cluster to join")
+    serve.add_argument("--object-store-mb", type=int, default=1024,
+                       help="object store size of the local Ray (default 1024 MB)")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.cli import serve  # the service front end (Ray Serve), imported only here
+
+    return serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``headscope`` and ``python -m pipelines``: every subcommand, ``serve`` included."""
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -32,8 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines import STATS_VERSION, __version__
 from pipelines.analysis import batch as stages
-from pipelines.analysis.ablation import HeadMask
 from pipelines.analysis.words import words_table
+from pipelines.backends.base import Capability
+from pipelines.backends.head_mask import HeadMask
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_analyses
 from pipelines.dataset import schema
@@ -81,6 +82,15 @@ class ModelState:
     info: ModelInfo
     runtime: dict
     tokenizer: object
+    capabilities: frozenset[Capability]
+
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
+    def refuse(self, request_field: str, capability: Capability) -> ApiError:
+        backend = self.runtime.get("backend")
+        return ApiError(422, f"{request_field} needs a backend with {capability.value}; this "
+                             f"model runs on the {backend} backend, which cannot do that")
 
 
 def _records(table: pa.Table) -> list[dict]:
@@ -203,9 +213,10 @@ class Ingress:
                 handle = self.workers[name]
                 description = await handle.describe.remote()
                 runtime = description.pop("runtime")
+                capabilities = frozenset(map(Capability, description.pop("capabilities")))
                 info = ModelInfo(**description)
                 tokenizer = await asyncio.to_thread(load_tokenizer, info.path)
-                self.models[name] = ModelState(handle, info, runtime, tokenizer)
+                self.models[name] = ModelState(handle, info, runtime, tokenizer, capabilities)
         return self.models[name]
 
     @app.get("/healthz")
@@ -276,15 +287,14 @@ class Ingress:
         """A self-contained HTML page with the head, model and neuron views of one text."""
         body = await parse_request(request, ViewRequest)
         state = await self._model(body.model)
-        on_torch = state.runtime.get("backend") == "torch"
-        if body.qk and not on_torch:
-            raise ApiError(422, "qk (the neuron view's vectors) needs a model served by the "
-                                f"torch backend; this one runs on {state.runtime.get('backend')}")
+        can_capture = state.can(Capability.QUERY_KEY_CAPTURE)
+        if body.qk and not can_capture:
+            raise state.refuse("qk (the neuron view's vectors)", Capability.QUERY_KEY_CAPTURE)
         as_attention = body.attention_request()
         self._check_ranges(as_attention, state.info)
         windows = self._windows(as_attention, state)[0]
         job = DocumentJob(windows, body.attention, local_window=2,
-                          capture_qk=on_torch if body.qk is None else body.qk)
+                          capture_qk=can_capture if body.qk is None else body.qk)
         (tables,) = await self._analyse(state, [job])
         text = {"documents": stages.documents_table(windows),
                 "tokens": stages.tokens_table(windows)}
@@ -306,9 +316,8 @@ class Ingress:
     def _check_disabled(self, body: AttentionRequest, state: ModelState) -> None:
         if body.disable_heads is None:
             return
-        if state.runtime.get("backend") != "torch":
-            raise ApiError(422, "disable_heads needs a model served by the torch backend; "
-                                f"this one runs on {state.runtime.get('backend')}")
+        if not state.can(Capability.HEAD_MASKING):
+            raise state.refuse("disable_heads", Capability.HEAD_MASKING)
         try:
             HeadMask.parse(body.disable_heads, state.info.num_layers, state.info.num_heads)
         except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""``headscope`` with the ``serve`` command added to the engine's commands."""
+"""``headscope serve``: the HTTP service on a local Ray (or an existing cluster)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 
 from pipelines import cli as engine_cli
 
-DEFAULT_CONFIG = Path("deploy/serve.yaml")
+DEFAULT_CONFIG = Path(engine_cli.DEFAULT_SERVE_CONFIG)
 log = logging.getLogger("headscope.serve")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
+    """Start Ray (or join ``--address``), deploy the app, and serve until SIGINT/SIGTERM."""
     from service.config import HttpOptions, ServiceConfig, read_serve_file
 
     if args.config:
@@ -58,23 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    top = engine_cli.parser()
-    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.add_parser("serve", help="run the HTTP service (Ray Serve)",
-                           description="Run the HTTP service on a local Ray (or --address).")
-    serve.add_argument("--config", help=f"Serve config file (default {DEFAULT_CONFIG} if present)")
-    serve.add_argument("--host", help="override http_options.host")
-    serve.add_argument("--port", type=int, help="override http_options.port")
-    serve.add_argument("--address", default=None, help="an existing Ray cluster to join")
-    serve.add_argument("--object-store-mb", type=int, default=1024,
-                       help="object store size of the local Ray (default 1024 MB)")
-    serve.set_defaults(func=_serve)
-    return top
-
-
 def main(argv: list[str] | None = None) -> int:
-    return engine_cli.main(argv, parser())
+    """The ``headscope`` command (kept for ``python -m service.cli``)."""
+    return engine_cli.main(argv)
 
 
 if __name__ == "__main__":

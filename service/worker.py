@@ -19,8 +19,9 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from pipelines.analysis import batch as stages
-from pipelines.analysis.ablation import HeadMask
 from pipelines.backends import Backend, create_backend
+from pipelines.backends.base import Capability, require
+from pipelines.backends.head_mask import HeadMask
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
 from pipelines.text.tokenize import Window
 from service.config import ModelConfig
@@ -59,6 +60,7 @@ def disabled_heads(backend: Backend, text: str | None) -> AbstractContextManager
     """The backend with the heads of ``text`` ("3.5,0.*") disabled, or unchanged for None."""
     if not text:
         return contextlib.nullcontext()
+    require(backend, Capability.HEAD_MASKING, "disable_heads")
     info = backend.info
     return backend.disabled_heads(HeadMask.parse(text, info.num_layers, info.num_heads))
 
@@ -104,8 +106,10 @@ class ModelWorker:
         self.recent_batch_sizes: list[int] = []
 
     def describe(self) -> dict:
+        """The model's facts, the runtime's (as a manifest records them) and its capabilities."""
         info = dataclasses.asdict(self.backend.info)
-        return {**info, "runtime": self.backend.describe()}
+        capabilities = sorted(c.value for c in self.backend.capabilities)
+        return {**info, "runtime": self.backend.describe(), "capabilities": capabilities}
 
     def batch_size_log(self) -> list[int]:
         """Sizes of the most recent batches (for tests and the load benchmark)."""

@@ -7,20 +7,20 @@ gives the same rows whichever way it came in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipelines.analysis import words
-from pipelines.analysis.ablation import QueryKey, capture_queries_keys
 from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds, classify, pattern_scores
-from pipelines.backends.base import Backend
+from pipelines.backends.base import Backend, Capability, QueryKey, require
 from pipelines.backends.batching import Batch, collate, plan_batches
 from pipelines.compute.kept import kept_weights
 from pipelines.compute.similarity import HeadSimilarity
 from pipelines.compute.stats import STAT_NAMES, KeyFlags, head_statistics, row_order
-from pipelines.config import ConfigError, RunConfig
+from pipelines.config import RunConfig
 from pipelines.dataset import schema
 from pipelines.text.tokenize import Window
 
@@ -148,9 +148,8 @@ def _qk_table(batch: Batch, captured: list[QueryKey]) -> tuple[pa.Table, np.ndar
 
 def check_capture(backend: Backend, config: RunConfig) -> None:
     """Query/key capture reads PyTorch's attention inputs: refuse it on other backends."""
-    if config.capture_qk and backend.name != "torch":
-        raise ConfigError(f"--capture-qk needs the torch backend (this job runs {backend.name}); "
-                          "use --backend torch with the source model")
+    if config.capture_qk:
+        require(backend, Capability.QUERY_KEY_CAPTURE, "--capture-qk")
 
 
 def _word_attention_table(batch: Batch, attn: torch.Tensor, config: RunConfig,
@@ -180,7 +179,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
     holding its window's rank, for ordering rows across batches. ``similarity`` accumulates
     the head distances of the batch rows that ``sampled`` ([B] bool, default all) selects.
     """
-    with capture_queries_keys() as captured:  # filled only by the torch backend
+    capture = backend.capture_queries_keys() if config.capture_qk else nullcontext([])
+    with capture as captured:
         attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
     batch = batch.to(attn.device)
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)

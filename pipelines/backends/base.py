@@ -1,9 +1,16 @@
-"""The one interface every runtime implements."""
+"""The one interface every runtime implements, and what a runtime may additionally do.
+
+Every backend runs a forward pass and returns attention probabilities. Anything more is a
+:class:`Capability` the backend declares in ``capabilities``; callers test the capability
+(:func:`require`), never the backend's name.
+"""
 
 from __future__ import annotations
 
+import enum
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -11,15 +18,42 @@ from pipelines.backends.batching import Batch
 from pipelines.config import BACKENDS, ConfigError, OnnxOptions
 from pipelines.models import ModelInfo, onnx_metadata
 
+if TYPE_CHECKING:
+    from pipelines.backends.head_mask import HeadMask
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: One layer's projected queries and keys [B, H, S, d] and the factor their dot products are
+#: scaled by before the softmax: softmax(q @ k.T * scaling + mask) is the attention.
+QueryKey = tuple[torch.Tensor, torch.Tensor, float]
+
+
+class Capability(str, enum.Enum):
+    """What a backend can do beyond returning attention probabilities."""
+
+    #: ``disabled_heads(mask)``: forward passes with chosen heads' probabilities set to 0.
+    HEAD_MASKING = "head_masking"
+    #: ``capture_queries_keys()``: each layer's projected queries and keys (the neuron view).
+    QUERY_KEY_CAPTURE = "query_key_capture"
+    #: ``hidden_states(batch)``: the residual stream after the embeddings and every block.
+    HIDDEN_STATES = "hidden_states"
+
+
+class UnsupportedCapability(ConfigError):
+    """A job or request asked a backend for something it does not declare."""
 
 
 class Backend(Protocol):
-    """A model runtime. Everything above it is backend-agnostic."""
+    """A model runtime. Everything above it is backend-agnostic.
+
+    Methods that belong to a :class:`Capability` raise :class:`UnsupportedCapability` on a
+    backend that does not list it in ``capabilities``.
+    """
 
     name: str
     info: ModelInfo
     device: torch.device
+    capabilities: frozenset[Capability]
 
     @property
     def tokenizer(self): ...
@@ -31,6 +65,33 @@ class Backend(Protocol):
     def describe(self) -> dict:
         """Runtime facts for the manifest (device, dtype, provider...)."""
         ...
+
+    def disabled_heads(self, mask: HeadMask) -> AbstractContextManager[None]:
+        """Within the block, forward passes run with the heads of ``mask`` disabled."""
+        ...
+
+    def capture_queries_keys(self) -> AbstractContextManager[list[QueryKey]]:
+        """Within the block, each attention call appends its layer's :data:`QueryKey`."""
+        ...
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """[L+1, B, S, D] float32: the embeddings' and every block's output."""
+        ...
+
+
+def require(backend: Backend, capability: Capability, purpose: str) -> None:
+    """Raise :class:`UnsupportedCapability` naming ``purpose`` unless ``backend`` can do it."""
+    if capability not in backend.capabilities:
+        offered = ", ".join(sorted(c.value for c in backend.capabilities)) or "none"
+        raise UnsupportedCapability(
+            f"{purpose} needs a backend with {capability.value}; the {backend.name} backend "
+            f"running {backend.info.name!r} offers: {offered}. Use --backend torch with the "
+            "source model")
+
+
+def unsupported(backend: Backend, capability: Capability) -> UnsupportedCapability:
+    """The error a backend raises from a capability method it does not have."""
+    return UnsupportedCapability(f"the {backend.name} backend cannot do {capability.value}")
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

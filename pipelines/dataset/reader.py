@@ -63,15 +63,6 @@ class Dataset:
         return matrix
 
 
-    def view(self, doc_id: str, window: int | None = None, qk: bool = True):
-        """Head, model and neuron views of one document; in a notebook it shows inline.
-
-        Returns a :class:`pipelines.views.DocumentView` (``.save("doc.html")`` writes the page).
-        """
-        from pipelines.views import DocumentView
-
-        return DocumentView(self, doc_id, window, qk=qk)
-
     def _repr_html_(self) -> str:
         """In a notebook: what the dataset holds, and how to look at a document."""
         manifest, rows = self.manifest, ""
@@ -83,7 +74,8 @@ class Dataset:
                 f"{html.escape(str(model.get('name')))}, attention "
                 f"{html.escape(str(manifest.get('attention_mode')))}, status "
                 f"{html.escape(str(manifest.get('status')))}"
-                f"<table>{rows}</table><code>ds.view(doc_id)</code> shows a document.")
+                f"<table>{rows}</table><code>pipelines.Dataset.open(root).view(doc_id)</code> "
+                "shows a document.")
 
 
 def _equals(values: dict[str, object]) -> list[tuple[str, str, object]]:

@@ -1,26 +1,22 @@
 """``headscope ablate``: what each head contributes, measured by disabling it.
 
 Writes a dataset folder (write-once, like a corpus job) with ``manifest.json`` and one
-``head_importance`` table; see :func:`pipelines.analysis.ablation.head_importance`.
+``head_importance`` table; see :func:`pipelines.analysis.importance.head_importance`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import __version__
-from pipelines.analysis.ablation import (
-    TABLE,
-    HeadMask,
-    head_importance,
-    load_for_ablation,
-)
+from pipelines.analysis.importance import TABLE, head_importance
+from pipelines.backends.head_mask import HeadMask
+from pipelines.backends.torch.ablation import load_for_ablation
 from pipelines.config import WindowConfig
+from pipelines.dataset.manifest import ABLATION_FORMAT, header, job_key, model_entry
 from pipelines.dataset.writer import DatasetWriter, atomic_write_parquet, part_name
 from pipelines.text.inputs import Columns, expand, read_documents, validate
 from pipelines.text.plan import document_windows
@@ -36,23 +32,38 @@ METRIC_DEFINITIONS = {
                              "unablated final hidden state)",
     "representation_l2": "mean over valid tokens of the L2 distance to the unablated state",
 }
+ABLATION_MODEL_FIELDS = ("name", "path", "model_type", "config_hash", "num_layers", "num_heads")
 
 
-def run_ablation(inputs: list[str | Path], out: str | Path, model: str = "minilm",
-                 heads: list[str] | None = None, windows: WindowConfig | None = None,
-                 seed: int = 0, device: str = "auto", columns: Columns | None = None,
-                 overwrite: bool = False, progress: bool = True) -> Path:
-    """Measure every single head (or each set in ``heads``) on ``inputs``; write ``out``."""
+@dataclass(frozen=True)
+class AblationConfig:
+    """Everything that decides the rows ``headscope ablate`` writes (saved in the manifest).
+
+    ``heads``: sets of heads disabled together, in HeadMask text ("3.5,3.7", "0.*"); empty
+    ablates every single head in turn. ``seed`` picks the masked-LM positions.
+    """
+
+    model: str = "minilm"
+    heads: tuple[str, ...] = ()
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
+def run_ablation(inputs: list[str | Path], out: str | Path, config: AblationConfig | None = None,
+                 columns: Columns | None = None, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Measure every single head (or each set in ``config.heads``) on ``inputs``; write ``out``."""
     started = time.perf_counter()
-    columns, windows = columns or Columns(), windows or WindowConfig()
+    config, columns = config or AblationConfig(), columns or Columns()
     writer = DatasetWriter(out)
     writer.check(overwrite=overwrite)
     files = expand(inputs)
     summary = validate(files, columns)
-    bundle = load_for_ablation(model, device)
+    bundle = load_for_ablation(config.model, config.device)
     info = bundle.info
-    masks = [HeadMask.parse(text, info.num_layers, info.num_heads) for text in heads or []]
-    windower = Windower(bundle.tokenizer, info, windows)
+    masks = [HeadMask.parse(text, info.num_layers, info.num_heads) for text in config.heads]
+    windower = Windower(bundle.tokenizer, info, config.windows)
     found = [w for doc in read_documents(files, columns) for w in document_windows(windower, doc)]
     tokens = sum(w.n_tokens for w in found)
     count = len(masks) or info.num_layers * info.num_heads
@@ -60,25 +71,20 @@ def run_ablation(inputs: list[str | Path], out: str | Path, model: str = "minilm
              "%d tokens through the model", summary.documents, len(found), tokens, count,
              tokens * (count + 1))
     manifest = {
-        "format": "headscope-ablation/1", "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-        "model": {"name": info.name, "path": info.path, "model_type": info.model_type,
-                  "config_hash": info.config_hash, "num_layers": info.num_layers,
-                  "num_heads": info.num_heads, "objective": bundle.objective},
-        "settings": {"heads": heads or "every single head", "seed": seed,
-                     "windows": vars(windows), "device": str(bundle.device)},
+        **header(ABLATION_FORMAT),
+        "model": model_entry(info, ABLATION_MODEL_FIELDS, objective=bundle.objective),
+        "settings": {"heads": list(config.heads) or "every single head", "seed": config.seed,
+                     "windows": dataclasses.asdict(config.windows),
+                     "device": str(bundle.device)},
         "metrics": {name: METRIC_DEFINITIONS[name] for name in bundle.metrics},
         "masking": "a disabled head's attention probabilities are multiplied by 0 (its "
                    "context vector is 0), as transformers' former head_mask did",
         "input": {"files": summary.files, "documents": summary.documents,
                   "fingerprint": summary.fingerprint},
     }
-    manifest["job_key"] = hashlib.sha256(json.dumps(
-        [manifest["model"], manifest["settings"], manifest["input"]], sort_keys=True,
-        default=str).encode()).hexdigest()[:16]
+    manifest["job_key"] = job_key([manifest["model"], manifest["settings"], manifest["input"]])
     writer.open(manifest, overwrite=overwrite)
-    table = head_importance(bundle, found, masks or None, seed, progress=progress)
+    table = head_importance(bundle, found, masks or None, config.seed, progress=progress)
     atomic_write_parquet(writer.root / TABLE / part_name(0), table, 65536)
     manifest.update(status="complete", counts={TABLE: table.num_rows, "windows": len(found),
                                                "tokens": tokens})

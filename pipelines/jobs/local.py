@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,12 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipelines import STATS_VERSION, __version__
 from pipelines.analysis import batch as stages
 from pipelines.backends import Backend, create_backend
 from pipelines.compute.similarity import HeadSimilarity
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import RunConfig
+from pipelines.dataset.manifest import DATASET_FORMAT, header, job_key, model_entry
 from pipelines.dataset.schema import SIMILARITY_PARTS
 from pipelines.dataset.writer import DatasetWriter
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
@@ -43,14 +40,13 @@ class JobResult:
     counts: dict[str, int]
 
 
-def job_key(manifest: dict) -> str:
+def run_job_key(manifest: dict) -> str:
     """What must match for --resume: model, inputs and every setting that changes rows."""
     unkeyed = ("device", "batch_tokens", "onnx")  # how fast, not what is computed
     config = {k: v for k, v in manifest["config"].items() if k not in unkeyed}
-    keyed = {"model": manifest["model"]["config_hash"], "path": manifest["model"]["path"],
-             "config": config, "input": manifest["input"]["fingerprint"],
-             "stats_version": manifest["stats_version"]}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    return job_key({"model": manifest["model"]["config_hash"], "path": manifest["model"]["path"],
+                    "config": config, "input": manifest["input"]["fingerprint"],
+                    "stats_version": manifest["stats_version"]})
 
 
 def describe_analyses(config: RunConfig) -> dict:
@@ -71,17 +67,9 @@ def describe_analyses(config: RunConfig) -> dict:
 
 def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
                    columns: Columns) -> dict:
-    info = backend.info
     manifest = {
-        "format": "headscope-dataset/1",
-        "tool_version": __version__,
-        "stats_version": STATS_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-        "model": {"name": info.name, "path": info.path, "family": info.family,
-                  "model_type": info.model_type, "config_hash": info.config_hash,
-                  "num_layers": info.num_layers, "num_heads": info.num_heads,
-                  "max_length": info.max_length, "causal": info.causal},
+        **header(DATASET_FORMAT, stats_version=True),
+        "model": model_entry(backend.info),
         "runtime": backend.describe(),
         "config": config.to_dict(),
         "attention_mode": str(config.attention),
@@ -93,7 +81,7 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
                   "skipped_blank_lines": summary.skipped_blank_lines,
                   "columns": vars(columns), "fingerprint": summary.fingerprint},
     }
-    manifest["job_key"] = job_key(manifest)
+    manifest["job_key"] = run_job_key(manifest)
     return manifest
 
 

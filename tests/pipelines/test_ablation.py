@@ -21,18 +21,15 @@ from transformers import (
 )
 
 from pipelines import models
-from pipelines.analysis.ablation import (
-    HEAD_IMPORTANCE,
+from pipelines.analysis.importance import HEAD_IMPORTANCE, head_importance, mlm_positions
+from pipelines.backends.batching import collate, plan_batches
+from pipelines.backends.head_mask import HeadMask
+from pipelines.backends.torch.ablation import AblationModel, load_for_ablation
+from pipelines.backends.torch.hooks import (
     HEAD_MASK_ATTENTION,
-    AblationModel,
-    HeadMask,
     disabled_heads,
     enable_head_masking,
-    head_importance,
-    load_for_ablation,
-    mlm_positions,
 )
-from pipelines.backends.batching import collate, plan_batches
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import SUPPORTED_TYPES, resolve
 from pipelines.text.tokenize import Document, Window, Windower
@@ -166,7 +163,7 @@ def test_load_picks_the_pretraining_head(bundles: dict[str, AblationModel]) -> N
 
 
 def test_minilm_without_mlm_head_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="pipelines.analysis.ablation"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.backends.torch.ablation"):
         bundle = load_for_ablation("minilm")
     assert bundle.objective is None
     assert "has no trained MLM head" in caplog.text

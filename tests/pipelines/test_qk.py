@@ -81,7 +81,7 @@ def test_batched_equals_one_window_per_batch(minilm: TorchBackend, tmp_path: Pat
 def test_capture_needs_the_torch_backend(minilm_onnx_dir: Path, tmp_path: Path) -> None:
     backend = create_backend("auto", str(minilm_onnx_dir), "cpu")
     config = RunConfig(model=str(minilm_onnx_dir), capture_qk=True, device="cpu")
-    with pytest.raises(ConfigError, match="--capture-qk needs the torch backend"):
+    with pytest.raises(ConfigError, match="--capture-qk needs a backend with query_key_capture"):
         run_job([write_corpus(tmp_path)], tmp_path / "out", config, backend=backend,
                 progress=False)
     assert not (tmp_path / "out").exists()

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.api import Dataset
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.dataset.reader import Dataset
 from pipelines.jobs.local import run_job
 from pipelines.views import DocumentView, render_html, render_view, view_data
 from pipelines.views.data import unb64

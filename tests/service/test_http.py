@@ -358,7 +358,7 @@ def test_arrow_table_of_an_analysis_not_asked_for_is_a_422(service: Service) -> 
 
 def test_disable_heads_equals_the_engine_with_those_heads_disabled(
         service: Service, minilm: TorchBackend) -> None:
-    from pipelines.analysis.ablation import HeadMask
+    from pipelines.backends.head_mask import HeadMask
 
     text = SAMPLE_TEXTS[3]
     body = ok(service.post({"inputs": [{"id": "x", "text": text}], "disable_heads": "1.3,4.*"}))
@@ -380,7 +380,7 @@ def test_disable_heads_equals_the_engine_with_those_heads_disabled(
 @pytest.mark.parametrize(("app", "heads", "message"), [
     ("open", "6.0", "layer 6 is out of range"),
     ("open", "1.x", "disable_heads"),
-    ("onnx", "1.3", "needs a model served by the torch backend"),
+    ("onnx", "1.3", "disable_heads needs a backend with head_masking"),
 ])
 def test_bad_disable_heads_is_a_422(service: Service, app: str, heads: str,
                                     message: str) -> None:
@@ -722,7 +722,7 @@ def test_view_of_an_onnx_model_has_no_neuron_vectors(service: Service) -> None:
     assert response.status_code == 200, response.text
     assert all(w["qk"] is None for w in view_payload(response.text)["windows"])
     refused = post_view(service, {"text": SAMPLE_TEXTS[0], "qk": True}, app="onnx")
-    assert refused.status_code == 422 and "torch backend" in refused.json()["error"]
+    assert refused.status_code == 422 and "query_key_capture" in refused.json()["error"]
 
 
 @pytest.mark.parametrize(("payload", "status", "says"), [

@@ -8,6 +8,7 @@ bound from the batch's own tensors.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from pipelines import models
-from pipelines.backends.base import resolve_device
+from pipelines.backends.base import Capability, QueryKey, resolve_device, unsupported
 from pipelines.backends.batching import Batch
+from pipelines.backends.head_mask import HeadMask
 from pipelines.backends.onnx.export import FORMAT, GraphNames, graph_inputs
 from pipelines.config import ConfigError, OnnxOptions
 from pipelines.models import ModelError
@@ -121,7 +123,10 @@ def _providers(ort, device: str) -> list:
 
 
 class OnnxBackend:
+    """An exported graph on ONNX Runtime: attention only, no extra :class:`Capability`."""
+
     name = "onnx"
+    capabilities: frozenset[Capability] = frozenset()
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32",
                  options: OnnxOptions | None = None) -> None:
@@ -191,6 +196,15 @@ class OnnxBackend:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return attn.mul_(batch.valid[None, :, None, None, :])
+
+    def disabled_heads(self, mask: HeadMask) -> AbstractContextManager[None]:
+        raise unsupported(self, Capability.HEAD_MASKING)
+
+    def capture_queries_keys(self) -> AbstractContextManager[list[QueryKey]]:
+        raise unsupported(self, Capability.QUERY_KEY_CAPTURE)
+
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        raise unsupported(self, Capability.HIDDEN_STATES)
 
     def describe(self) -> dict:
         import onnxruntime

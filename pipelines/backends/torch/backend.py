@@ -1,4 +1,4 @@
-"""PyTorch (transformers) backend with eager attention."""
+"""PyTorch (transformers) backend with eager attention and headscope's attention hook."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from contextlib import AbstractContextManager
 import torch
 
 from pipelines import models
-from pipelines.analysis import ablation
-from pipelines.backends.base import resolve_device
+from pipelines.backends.base import Capability, QueryKey, resolve_device
 from pipelines.backends.batching import Batch
+from pipelines.backends.head_mask import HeadMask
+from pipelines.backends.torch import hooks
 
 
 class EmptyAttentionError(RuntimeError):
@@ -17,31 +18,43 @@ class EmptyAttentionError(RuntimeError):
 
 
 class TorchBackend:
+    """A transformers model on one device; every :class:`Capability` is available."""
+
     name = "torch"
+    capabilities = frozenset(Capability)
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "float32",
                  allow_download: bool = False) -> None:
         self.device, self.dtype = resolve_device(device, dtype)
         loaded = models.load(model, self.device, self.dtype, allow_download)
         self.info, self._tokenizer, self.model = loaded.info, loaded.tokenizer, loaded.model
-        # Eager attention that can disable heads; with none disabled it is bit for bit eager.
-        ablation.enable_head_masking(self.model)
+        # The eager attention with headscope's hook (head masking, query/key capture); with no
+        # head disabled it is bit for bit the eager model.
+        hooks.register_attention_hook()
+        hooks.enable_head_masking(self.model)
 
-    def disabled_heads(self, mask: ablation.HeadMask) -> AbstractContextManager[None]:
+    def disabled_heads(self, mask: HeadMask) -> AbstractContextManager[None]:
         """Forward passes inside the block run with the heads of ``mask`` disabled."""
-        return ablation.disabled_heads(self.model, mask)
+        return hooks.disabled_heads(self.model, mask)
+
+    def capture_queries_keys(self) -> AbstractContextManager[list[QueryKey]]:
+        """Attention calls inside the block append their layer's (query, key, scaling)."""
+        return hooks.capture_queries_keys()
 
     @property
     def tokenizer(self):
         return self._tokenizer
 
-    @torch.inference_mode()
-    def attentions(self, batch: Batch) -> torch.Tensor:
-        batch = batch.to(self.device)
+    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if self.info.accepts_token_type_ids:
             inputs["token_type_ids"] = batch.type_ids
-        outputs = self.model(**inputs, output_attentions=True)
+        return inputs
+
+    @torch.inference_mode()
+    def attentions(self, batch: Batch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        outputs = self.model(**self._inputs(batch), output_attentions=True)
         layers = outputs.attentions
         if not layers or len(layers) != self.info.num_layers:
             raise EmptyAttentionError(
@@ -50,6 +63,13 @@ class TorchBackend:
             )
         attn = torch.stack(layers).float()  # [L, B, H, S, S]
         return attn * batch.valid[None, :, None, None, :]
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """[L+1, B, S, D] float32: embeddings and every block's output."""
+        batch = batch.to(self.device)
+        outputs = self.model(**self._inputs(batch), output_hidden_states=True)
+        return torch.stack(outputs.hidden_states).float()
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device),

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.backends.base import Backend
-from pipelines.backends.batching import Batch, collate, plan_batches
+from pipelines.backends.base import Backend, Capability, require
+from pipelines.backends.batching import collate, plan_batches
 from pipelines.config import ConfigError
 from pipelines.text.tokenize import Window
 
@@ -50,28 +50,15 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def hidden_states(backend: Backend, batch: Batch) -> torch.Tensor:
-    """[L+1, B, S, D] float32: embeddings and every block's output (PyTorch backend)."""
-    model = getattr(backend, "model", None)
-    if model is None:
-        raise ConfigError(f"factors need the torch backend (this model runs on {backend.name})")
-    batch = batch.to(backend.device)
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if backend.info.accepts_token_type_ids:
-        inputs["token_type_ids"] = batch.type_ids
-    with torch.inference_mode():
-        outputs = model(**inputs, output_hidden_states=True)
-    return torch.stack(outputs.hidden_states).float()
-
-
 def token_rows(backend: Backend, windows: list[Window], layers: tuple[int, ...],
                batch_tokens: int, include_special: bool = False,
                normalise: bool = True) -> Iterator[TokenRows]:
     """The selected layers' token vectors of ``windows``, one forward batch at a time."""
+    require(backend, Capability.HIDDEN_STATES, "transformer factors")
     lengths = [w.n_tokens for w in windows]
     for indices in plan_batches(lengths, batch_tokens):
         batch = collate([windows[i] for i in indices], backend.info.pad_token_id)
-        states = hidden_states(backend, batch)[list(layers)]  # [l, B, S, D]
+        states = backend.hidden_states(batch)[list(layers)]  # [l, B, S, D]
         keep = batch.valid.to(states.device)  # [B, S]
         if not include_special:
             keep &= ~batch.is_special.to(states.device)

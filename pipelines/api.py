@@ -1,0 +1,31 @@
+"""The Python front door for notebooks: datasets that also show their documents.
+
+``pipelines.Dataset`` is :class:`pipelines.dataset.reader.Dataset` (tables as pandas frames)
+plus :meth:`Dataset.view`, which needs the views; the reader itself never imports them, so
+data access does not depend on presentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.dataset import reader
+from pipelines.views import DocumentView
+
+
+class Dataset(reader.Dataset):
+    """A dataset folder written by a corpus job (or the service's ``store``), with views."""
+
+    def view(self, doc_id: str, window: int | None = None, qk: bool = True) -> DocumentView:
+        """Head, model and neuron views of one document; in a notebook it shows inline.
+
+        ``.save("doc.html")`` on the result writes the page. ``window`` None shows every
+        window of the document (with a pager); ``qk`` includes the neuron view's vectors
+        where the dataset has a ``qk`` table.
+        """
+        return DocumentView(self, doc_id, window, qk=qk)
+
+
+def open_dataset(root: str | Path) -> Dataset:
+    """:meth:`Dataset.open`: raises FileNotFoundError if ``root`` has no manifest.json."""
+    return Dataset.open(root)

@@ -1,0 +1,193 @@
+"""headscope's attention function for PyTorch models: head masking and query/key capture.
+
+transformers 5 removed the ``head_mask`` argument from BERT and GPT-2, so headscope masks heads
+itself, with the old semantics: a disabled head's attention probabilities are multiplied by 0,
+so its context vector is 0 and the attention it returns is 0. The mask is applied by an
+attention function registered with transformers' ``AttentionInterface`` under the name
+:data:`HEAD_MASK_ATTENTION`. It runs the model family's own eager attention unchanged and then
+scales each head's output, so with nothing disabled the model is bit-for-bit the eager model.
+The mask itself lives in a :class:`contextvars.ContextVar` set by :func:`disabled_heads`; the
+model's weights and modules are never changed.
+
+Nothing is registered with transformers when this module is imported: the torch backend (and
+the ablation loader) call :func:`register_attention_hook` explicitly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from pipelines.backends.base import QueryKey
+from pipelines.backends.head_mask import HeadMask
+
+#: The ``attn_implementation`` name under which the head-masking attention is registered.
+HEAD_MASK_ATTENTION = "headscope_head_mask"
+
+
+@dataclass
+class _MaskState:
+    """The mask of one :func:`disabled_heads` block and its progress through a forward pass."""
+
+    base: nn.Module  # the transformer whose forward passes are masked
+    keep: list[torch.Tensor | None]  # per layer: [H] factors, None when no head is disabled
+    calls: int | None = None  # attention calls so far in the running forward; None outside one
+
+
+_ACTIVE: ContextVar[_MaskState | None] = ContextVar("headscope_head_mask", default=None)
+#: While set, every attention call appends its (query, key, scaling); query/key [B, H, S, d].
+_QK_SINK: ContextVar[list[QueryKey] | None] = ContextVar("headscope_qk_sink", default=None)
+_EAGER: dict[type, Callable] = {}
+
+
+def _eager_attention(module: nn.Module) -> Callable:
+    """The eager attention function of the module's own model family."""
+    cls = type(module)
+    if cls not in _EAGER:
+        function = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
+        if function is None:
+            raise NotImplementedError(
+                f"{cls.__name__} has no eager_attention_forward to wrap; head masking supports "
+                "models whose attention goes through transformers' AttentionInterface"
+            )
+        _EAGER[cls] = function
+    return _EAGER[cls]
+
+
+def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, attention_mask: torch.Tensor | None,
+                           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention, then the current layer's heads scaled by the active mask.
+
+    ``query`` is [B, H, Sq, d], ``key``/``value`` [B, H, Sk, d]. Scaling the context by the
+    head factor equals scaling the probabilities before they meet ``value`` (the old
+    ``head_mask``), and leaves kept heads bit-identical.
+    """
+    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's optional eager variant
+        context, probs = module._upcast_and_reordered_attn(query, key, value, attention_mask)
+    else:
+        context, probs = _eager_attention(module)(module, query, key, value, attention_mask,
+                                                  **kwargs)
+    # context: [B, Sq, H, d]; probs: [B, H, Sq, Sk]
+    sink = _QK_SINK.get()
+    if sink is not None:  # capture_queries_keys(): this layer's projected queries and keys
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) \
+            or query.shape[-1] ** -0.5
+        sink.append((query.detach(), key.detach(), float(scaling)))
+    state = _ACTIVE.get()
+    if state is None or state.calls is None:  # not inside a masked forward pass
+        return context, probs
+    layer = state.calls
+    state.calls += 1
+    if layer >= len(state.keep):
+        raise RuntimeError(f"attention ran {layer + 1} times for a mask of {len(state.keep)} "
+                           "layers; head masking supports encoder self-attention only")
+    keep = state.keep[layer]  # [H] or None
+    if keep is None:
+        return context, probs
+    context = context * keep.to(context)[None, None, :, None]  # [B, Sq, H, d]
+    probs = probs * keep.to(probs)[None, :, None, None]  # [B, H, Sq, Sk]
+    return context, probs
+
+
+def _start_forward(module: nn.Module, args: tuple) -> None:
+    state = _ACTIVE.get()
+    if state is not None and state.base is module:
+        state.calls = 0
+
+
+def _end_forward(module: nn.Module, args: tuple, output: object) -> None:
+    state = _ACTIVE.get()
+    if state is None or state.base is not module or state.calls is None:
+        return
+    calls, state.calls = state.calls, None
+    if calls != len(state.keep):
+        raise RuntimeError(f"attention ran {calls} times in a forward pass of a "
+                           f"{len(state.keep)}-layer model; the head mask was not applied fully")
+
+
+@contextmanager
+def capture_queries_keys() -> Iterator[list[QueryKey]]:
+    """Within the block, attention calls of head-masking models append (query, key, scaling).
+
+    Query and key are the projected per-head vectors the eager attention multiplies,
+    [B, H, S, d], in layer order; softmax(query @ key.T * scaling + mask) is the attention.
+    """
+    sink: list[QueryKey] = []
+    token = _QK_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _QK_SINK.reset(token)
+
+
+def register_attention_hook() -> None:
+    """Register :data:`HEAD_MASK_ATTENTION` with transformers (idempotent).
+
+    A custom attention name needs a mask function as well; without one transformers builds no
+    attention mask at all (padding and causality would be silently ignored). The eager one is
+    registered, so the additive mask is exactly the eager model's.
+    """
+    AttentionInterface.register(HEAD_MASK_ATTENTION, _head_masked_attention)
+    AttentionMaskInterface.register(HEAD_MASK_ATTENTION, eager_mask)
+
+
+def enable_head_masking(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch a loaded eager model to the head-masking attention (same outputs when unmasked)."""
+    register_attention_hook()
+    model.set_attn_implementation(HEAD_MASK_ATTENTION)
+    return model
+
+
+def _model_sizes(model: PreTrainedModel) -> tuple[int, int]:
+    return int(model.config.num_hidden_layers), int(model.config.num_attention_heads)
+
+
+@contextmanager
+def disabled_heads(model: PreTrainedModel, mask: HeadMask | torch.Tensor) -> Iterator[None]:
+    """Within the block, forward passes of ``model`` run with the heads of ``mask`` disabled.
+
+    ``mask`` is a HeadMask or an [L, H] tensor of per-head factors (1 keeps a head, 0 disables
+    it). ``model`` must use :data:`HEAD_MASK_ATTENTION` (:func:`load_for_ablation` or
+    :func:`enable_head_masking`). Calling ``model`` or its ``base_model`` is masked; each
+    forward pass is checked to have masked every layer exactly once.
+
+    Thread safety: the mask is held in a ContextVar, so it applies only to the thread (or
+    asyncio task) that entered the block. The block temporarily adds a forward pre-hook and
+    hook to ``model.base_model``; the service calls this from one worker thread at a time,
+    and concurrent blocks on one model are not supported.
+    """
+    implementation = model.config._attn_implementation
+    if implementation != HEAD_MASK_ATTENTION:
+        raise ValueError(
+            f"the model uses attention {implementation!r}, which cannot disable heads; load it "
+            "with load_for_ablation() or call enable_head_masking(model) first"
+        )
+    num_layers, num_heads = _model_sizes(model)
+    if isinstance(mask, HeadMask):
+        factors = mask.as_tensor(num_layers, num_heads)  # [L, H]
+    else:
+        factors = mask.detach().float().cpu()  # [L, H]
+        if tuple(factors.shape) != (num_layers, num_heads):
+            raise ValueError(f"head mask has shape {tuple(factors.shape)}; the model needs "
+                             f"({num_layers}, {num_heads})")
+    device = next(model.parameters()).device
+    keep = [None if bool((row == 1).all()) else row.to(device) for row in factors]
+    base = model.base_model
+    token = _ACTIVE.set(_MaskState(base=base, keep=keep))
+    handles = [base.register_forward_pre_hook(_start_forward),
+               base.register_forward_hook(_end_forward)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _ACTIVE.reset(token)

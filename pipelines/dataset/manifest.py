@@ -1,0 +1,63 @@
+"""The one manifest builder: every folder headscope writes says how it was made.
+
+A manifest opens with the same header (format, tool version, creation time, status), describes
+its model the same way, and hashes what must match for ``--resume`` with :func:`job_key`.
+Writers: corpus jobs (local and Ray), the service's ``store``, ``ablate``, ``factors train`` and
+``factors apply``, and ``export-onnx``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Sequence
+
+from pipelines import STATS_VERSION, __version__
+from pipelines.models import ModelInfo
+
+#: A dataset folder (corpus job, service store): documents, tokens, head_stats, attention...
+DATASET_FORMAT = "headscope-dataset/1"
+#: ``headscope ablate`` output: a head_importance table.
+ABLATION_FORMAT = "headscope-ablation/1"
+#: ``headscope factors train`` output: a dictionary of transformer factors.
+FACTORS_FORMAT = "headscope-factors/1"
+#: ``headscope factors apply`` output: factor codes of a corpus.
+FACTOR_CODES_FORMAT = "headscope-factor-codes/1"
+
+#: The model fields a corpus dataset records.
+DATASET_MODEL_FIELDS = ("name", "path", "family", "model_type", "config_hash", "num_layers",
+                        "num_heads", "max_length", "causal")
+
+
+def created_now() -> str:
+    """UTC time in ISO 8601 to the second, as every manifest records it."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def header(format: str, status: str | None = "running", stats_version: bool = False) -> dict:
+    """The opening fields of every manifest, in their usual order.
+
+    ``stats_version`` adds the version of the statistic definitions (datasets that hold
+    head statistics); ``status`` None leaves the status to the writer (the service's store).
+    """
+    head: dict = {"format": format, "tool_version": __version__}
+    if stats_version:
+        head["stats_version"] = STATS_VERSION
+    head["created"] = created_now()
+    if status is not None:
+        head["status"] = status
+    return head
+
+
+def model_entry(info: ModelInfo, fields: Sequence[str] | None = DATASET_MODEL_FIELDS,
+                **extra: object) -> dict:
+    """``info``'s ``fields`` (None: all of them) and any ``extra`` facts, for the manifest."""
+    names = fields if fields is not None else info.__dataclass_fields__
+    return {**{name: getattr(info, name) for name in names}, **extra}
+
+
+def job_key(keyed: object) -> str:
+    """A 16-hex-digit fingerprint of what must match for ``--resume`` (JSON, keys sorted)."""
+    text = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
