@@ -32,10 +32,10 @@ from corpus_throughput import (
 from pipelines.backends import Backend
 from pipelines.backends.batching import Batch
 from pipelines.backends.onnx.backend import SLOWER_FUSIONS, OnnxBackend
-from pipelines.backends.onnx.export import export_onnx, graph_inputs
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
 from pipelines.jobs.demo import paragraphs
+from pipelines.jobs.export_onnx import export_onnx, graph_inputs
 from pipelines.text.tokenize import Windower
 
 MODES = ("none", "topk:8")

@@ -1,10 +1,8 @@
 """headscope engine: text → attention → per-head statistics → Parquet."""
 
-__version__ = "0.1.0"
+from pipelines.version import STATS_VERSION, __version__
 
-#: Version of the statistic definitions written into every manifest.
-#: Bump it whenever a definition in ``pipelines.compute.stats`` changes meaning.
-STATS_VERSION = "1"
+__all__ = ["STATS_VERSION", "Dataset", "__version__", "open_dataset"]
 
 
 def __getattr__(name: str) -> object:

@@ -7,8 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines import __version__
-from pipelines.backends.onnx.export import DEFAULT_OPSET, ExportError
 from pipelines.config import (
     BACKENDS,
     AttentionMode,
@@ -19,8 +17,10 @@ from pipelines.config import (
     parse_analyses,
 )
 from pipelines.dataset.writer import OutputError
+from pipelines.jobs.export_onnx import DEFAULT_OPSET, ExportError
 from pipelines.models import REGISTRY, ModelError
 from pipelines.text.inputs import Columns, InputError
+from pipelines.version import __version__
 
 USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
 
@@ -167,7 +167,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipelines.backends.onnx.export import export_onnx
+    from pipelines.jobs.export_onnx import export_onnx
 
     metadata = export_onnx(args.model, args.out, args.hidden_states, args.opset, args.overwrite,
                            args.allow_download)
@@ -420,6 +420,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from service.cli import serve  # the service front end (Ray Serve), imported only here
 
+    if args.config is None and Path(DEFAULT_SERVE_CONFIG).is_file():
+        args.config = DEFAULT_SERVE_CONFIG
     return serve(args)
 
 

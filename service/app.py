@@ -30,17 +30,18 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines import STATS_VERSION, __version__
 from pipelines.analysis import batch as stages
 from pipelines.analysis.words import words_table
 from pipelines.backends.base import Capability
 from pipelines.backends.head_mask import HeadMask
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_analyses
+from pipelines.dataset import manifest as manifests
 from pipelines.dataset import schema
 from pipelines.dataset.writer import append_parts
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.text.tokenize import Document, Window, Windower
+from pipelines.version import __version__
 from pipelines.views.data import build_payload
 from pipelines.views.html import default_title, render_html
 from service.config import ServiceConfig
@@ -379,10 +380,8 @@ class Ingress:
         """Append to <dataset_root>/<model name>/ — a folder no client can choose."""
         root = self.store_root / (body.model or self.config.default_model)
         manifest = {
-            "format": "headscope-dataset/1", "tool_version": __version__,
-            "stats_version": STATS_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": dataclasses.asdict(state.info),
+            **manifests.header(manifests.DATASET_FORMAT, status=None, stats_version=True),
+            "model": manifests.model_entry(state.info, fields=None),
             "runtime": state.runtime,
             "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS},
             "input": {"source": "http"},

@@ -7,13 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
-from pathlib import Path
 
-from pipelines import cli as engine_cli
-
-DEFAULT_CONFIG = Path(engine_cli.DEFAULT_SERVE_CONFIG)
 log = logging.getLogger("headscope.serve")
 
 
@@ -23,8 +18,6 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.config:
         config, http = read_serve_file(args.config)
-    elif DEFAULT_CONFIG.is_file():
-        config, http = read_serve_file(DEFAULT_CONFIG)
     else:
         config, http = ServiceConfig(), HttpOptions()
     http = HttpOptions(host=args.host or http.host, port=args.port or http.port)
@@ -57,12 +50,3 @@ def serve(args: argparse.Namespace) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``headscope`` command (kept for ``python -m service.cli``)."""
-    return engine_cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

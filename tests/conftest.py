@@ -61,7 +61,7 @@ def gpt2(gpt2_dir: Path) -> TorchBackend:
 @pytest.fixture(scope="session")
 def minilm_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MiniLM exported by ``export_onnx`` (which verifies it against PyTorch)."""
-    from pipelines.backends.onnx.export import export_onnx
+    from pipelines.jobs.export_onnx import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "minilm"
     export_onnx("minilm", out)
@@ -71,7 +71,7 @@ def minilm_onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_onnx_dir(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random GPT-2, exported with its hidden states as extra outputs."""
-    from pipelines.backends.onnx.export import export_onnx
+    from pipelines.jobs.export_onnx import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "gpt2"
     export_onnx(str(gpt2_dir), out, hidden_states=True)

@@ -13,8 +13,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from pipelines import STATS_VERSION, __version__
 from pipelines.models import ModelInfo
+from pipelines.version import STATS_VERSION, __version__
 
 #: A dataset folder (corpus job, service store): documents, tokens, head_stats, attention...
 DATASET_FORMAT = "headscope-dataset/1"

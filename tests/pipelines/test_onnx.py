@@ -28,13 +28,13 @@ from pipelines.analysis import batch as stages
 from pipelines.backends import create_backend
 from pipelines.backends.base import choose_backend
 from pipelines.backends.batching import collate, plan_batches
-from pipelines.backends.onnx import export as onnx_export
 from pipelines.backends.onnx.backend import CPU, OnnxBackend
-from pipelines.backends.onnx.export import ExportError, export_onnx, state_dict_sha256
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
 from pipelines.dataset.reader import Dataset
 from pipelines.dataset.writer import UMASK
+from pipelines.jobs import export_onnx as onnx_export
+from pipelines.jobs.export_onnx import ExportError, export_onnx, state_dict_sha256
 from pipelines.jobs.local import run_job
 from pipelines.models import ModelError
 from pipelines.text.tokenize import Document, Windower

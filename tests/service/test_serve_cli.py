@@ -30,7 +30,7 @@ import yaml
 from conftest import free_port
 
 SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "service.cli"]
+CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 

@@ -19,7 +19,7 @@ from pipelines import models
 from pipelines.backends.base import Capability, QueryKey, resolve_device, unsupported
 from pipelines.backends.batching import Batch
 from pipelines.backends.head_mask import HeadMask
-from pipelines.backends.onnx.export import FORMAT, GraphNames, graph_inputs
+from pipelines.backends.onnx.graph import FORMAT, GraphNames, graph_inputs
 from pipelines.config import ConfigError, OnnxOptions
 from pipelines.models import ModelError
 

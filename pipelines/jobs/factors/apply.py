@@ -18,7 +18,6 @@ Memory stays flat: codes are written per shard and the top lists are bounded.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import shutil
@@ -34,11 +33,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from pipelines import __version__
 from pipelines.analysis import batch as stages
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
+from pipelines.dataset.manifest import FACTOR_CODES_FORMAT, FACTORS_FORMAT, header
 from pipelines.dataset.writer import (
     DatasetWriter,
     atomic_write_json,
@@ -46,7 +45,7 @@ from pipelines.dataset.writer import (
     part_name,
 )
 from pipelines.jobs.factors.hidden import TokenRows, token_rows
-from pipelines.jobs.factors.train import DICTIONARY, FORMAT, MANIFEST
+from pipelines.jobs.factors.train import DICTIONARY, MANIFEST
 from pipelines.jobs.local import survey
 from pipelines.text.inputs import Columns, expand, validate
 from pipelines.text.plan import Shard, unit_shards
@@ -87,8 +86,9 @@ class Dictionary:
             raise ConfigError(f"{folder} is not a factors dictionary (no {MANIFEST} and "
                               f"{DICTIONARY}); make one with `headscope factors train`")
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{folder}: format {manifest.get('format')!r}, expected {FORMAT}")
+        if manifest.get("format") != FACTORS_FORMAT:
+            raise ConfigError(f"{folder}: format {manifest.get('format')!r}, "
+                              f"expected {FACTORS_FORMAT}")
         return cls(load_file(str(folder / DICTIONARY))["dictionary"], manifest)
 
     @property
@@ -219,9 +219,7 @@ def _open(root: Path, dictionary: Dictionary, summary, overwrite: bool) -> Path:
         shutil.rmtree(root)  # DatasetWriter.check allowed it: a dataset folder
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / MANIFEST, {
-        "format": "headscope-factor-codes/1", "status": "running",
-        "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header(FACTOR_CODES_FORMAT),
         "model": dictionary.manifest["model"], "dictionary": dictionary.manifest,
         "input": {"files": summary.files, "documents": summary.documents,
                   "fingerprint": summary.fingerprint}})

@@ -12,7 +12,6 @@ The output folder holds ``dictionary.safetensors`` (the atoms, [factors, width])
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
@@ -24,10 +23,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines import __version__
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import DictionaryLearner, encode
 from pipelines.config import ConfigError, WindowConfig
+from pipelines.dataset.manifest import FACTORS_FORMAT, header, model_entry
 from pipelines.dataset.writer import DatasetWriter, atomic_write_json
 from pipelines.jobs.factors.hidden import TokenRows, parse_layers, token_rows
 from pipelines.text.inputs import Columns, expand, read_documents, validate
@@ -37,7 +36,6 @@ from pipelines.text.tokenize import Window, Windower
 log = logging.getLogger(__name__)
 DICTIONARY = "dictionary.safetensors"
 MANIFEST = "manifest.json"
-FORMAT = "headscope-factors/1"
 #: Windows handed to the model at a time while streaming (bounds the tokenised text in memory).
 WINDOW_CHUNK = 256
 
@@ -246,11 +244,8 @@ def _manifest(config: FactorConfig, info, layers: tuple[int, ...], width: int, s
               tokens: int, n_rows: int, history: list[dict], evaluation: dict,
               seconds: float) -> dict:
     return {
-        "format": FORMAT,
-        "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": info.name, "path": info.path, "family": info.family,
-                  "config_hash": info.config_hash, "num_layers": info.num_layers},
+        **header(FACTORS_FORMAT, status=None),
+        "model": model_entry(info, ("name", "path", "family", "config_hash", "num_layers")),
         "layers": list(layers),
         "n_factors": config.n_factors,
         "width": width,

@@ -10,30 +10,27 @@ full-length window), and a graph whose attentions differ by more than the tolera
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines import __version__, models
+from pipelines import models
 from pipelines.backends.batching import Batch, collate
+from pipelines.backends.onnx.graph import FORMAT, GRAPH_FILE, WEIGHTS_FILE, GraphNames, graph_inputs
 from pipelines.config import WindowConfig
+from pipelines.dataset.manifest import header
 from pipelines.dataset.writer import UMASK, atomic_write_json
 from pipelines.text.tokenize import Document, Windower
 
 log = logging.getLogger(__name__)
 
-FORMAT = "headscope-onnx/1"
-GRAPH_FILE = "model.onnx"
-WEIGHTS_FILE = "model.onnx.data"
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4
 
@@ -50,24 +47,6 @@ class ExportError(RuntimeError):
     """The export failed or did not verify; nothing was written."""
 
 
-@dataclass(frozen=True)
-class GraphNames:
-    """Input and output names of an exported graph."""
-
-    inputs: list[str]
-    attentions: list[str]  # one per layer, [B, H, S, S]
-    hidden_states: list[str]  # embeddings + one per layer, [B, S, D]; empty when not exported
-
-    @classmethod
-    def for_model(cls, info: models.ModelInfo, hidden_states: bool) -> GraphNames:
-        inputs = ["input_ids", "attention_mask"]
-        if info.accepts_token_type_ids:
-            inputs.append("token_type_ids")
-        layers = range(info.num_layers)
-        hidden = [f"hidden_state_{i}" for i in range(info.num_layers + 1)] if hidden_states else []
-        return cls(inputs, [f"attention_{i}" for i in layers], hidden)
-
-
 class _AttentionGraph(torch.nn.Module):
     """The model as a function of token tensors to a flat tuple of named outputs."""
 
@@ -80,13 +59,6 @@ class _AttentionGraph(torch.nn.Module):
         out = self.model(**kwargs, output_attentions=True,
                          output_hidden_states=bool(self.names.hidden_states))
         return (*out.attentions, *(out.hidden_states if self.names.hidden_states else ()))
-
-
-def graph_inputs(batch: Batch, names: GraphNames) -> tuple[torch.Tensor, ...]:
-    """The batch's tensors in the graph's input order."""
-    tensors = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-               "token_type_ids": batch.type_ids}
-    return tuple(tensors[name].contiguous() for name in names.inputs)
 
 
 def sample_batches(tokenizer, info: models.ModelInfo) -> list[Batch]:
@@ -229,9 +201,7 @@ def _metadata(info: models.ModelInfo, model: torch.nn.Module, names: GraphNames,
     import onnxscript
 
     return {
-        "format": FORMAT,
-        "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header(FORMAT, status=None),
         "source": {"model": info.name, "path": info.path, "model_type": info.model_type,
                    "config_hash": info.config_hash, "state_dict_sha256": state_dict_sha256(model)},
         "graph": {"file": GRAPH_FILE, "weights_file": WEIGHTS_FILE, "opset": opset,
