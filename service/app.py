@@ -253,6 +253,7 @@ class Ingress:
         results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
         text = stages.text_tables(flat, analyses)
+        # documents and tokens, the model's tables, then the analyses' text tables (as before)
         tables = stages.sort_tables({**{name: text[name] for name in ("documents", "tokens")},
                                      **stages.concat(results),
                                      **{n: t for n, t in text.items()

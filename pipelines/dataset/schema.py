@@ -53,10 +53,15 @@ HEAD_STATS = pa.schema(KEY_FIELDS + [(name, pa.float32()) for name in STAT_NAMES
                        + [("n_tokens", pa.uint16())])
 
 
+def weight_type(full: bool) -> pa.DataType:
+    """``full`` mode stores weights as float16; top-k and threshold keep float32."""
+    return pa.float16() if full else pa.float32()
+
+
 def attention_schema(full: bool) -> pa.Schema:
     """``full`` mode stores weights as float16; top-k and threshold keep float32."""
     return pa.schema(KEY_FIELDS + [("query", pa.uint16()), ("key", pa.uint16()),
-                              ("weight", pa.float16() if full else pa.float32())])
+                                   ("weight", weight_type(full))])
 
 
 SUMMARY_FIELDS = [("layer", pa.uint8()), ("head", pa.uint8()), ("n_windows", pa.int64())]
@@ -80,11 +85,6 @@ def qk_schema(head_dim: int) -> pa.Schema:
     vector = pa.list_(pa.float32(), head_dim)
     return pa.schema(KEY_FIELDS + [("position", pa.uint16()), ("query", vector), ("key", vector),
                               ("scale", pa.float32())])
-
-
-def weight_type(full: bool) -> pa.DataType:
-    """``full`` mode stores weights as float16; top-k and threshold keep float32."""
-    return pa.float16() if full else pa.float32()
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ HEAD_SUMMARY_SPEC = TableSpec("head_summary", HEAD_SUMMARY, ("layer", "head"), p
 #: Every job writes these per shard.
 TABLES = tuple(spec.name for spec in CORE_SPECS)
 #: Every table spec this process knows: the core tables, and those of each analysis as it
-#: registers (``pipelines.analysis.registry``). Read-only views by name below.
+#: registers (``pipelines.analysis.registry``); ``add_specs`` keeps the two lookups below in step.
 SPECS: dict[str, TableSpec] = {spec.name: spec for spec in (*CORE_SPECS, QK_SPEC,
                                                              HEAD_SUMMARY_SPEC)}
 #: Sort keys of each known table (row groups follow this order so filters prune them).
