@@ -452,10 +452,10 @@ BUCKETS = {  # label → function names (module stem.function) whose cumulative 
     "head_statistics (without the shared sort)": ["stats.head_statistics"],
     "kept_weights (attention reduction)": ["reduce.kept_weights"],
     "Arrow tables (stats/attention/documents/tokens)": [
-        "stages._stats_table", "stages._attention_table", "stages.documents_table",
-        "stages.tokens_table"],
+        "tables.stats_table", "tables.attention_table", "tables.documents_table",
+        "tables.tokens_table"],
     "collate (padding)": ["batching.collate"],
-    "output row order (sort_tables, _by_rank)": ["stages.sort_tables", "stages._by_rank"],
+    "output row order (sort_tables, _by_rank)": ["tables.sort_tables", "batch._by_rank"],
     "Parquet shards (write_shard)": ["writer.write_shard"],
     "finish (head_summary, manifest)": ["writer.finish"],
 }

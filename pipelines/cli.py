@@ -14,7 +14,6 @@ from pipelines.config import (
     OnnxOptions,
     RunConfig,
     WindowConfig,
-    parse_analyses,
 )
 from pipelines.dataset.writer import OutputError
 from pipelines.jobs.export_onnx import DEFAULT_OPSET, ExportError
@@ -77,7 +76,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      help="tokens per output shard (default 32768)")
     run.add_argument("--analyses", default="",
                      help="comma-separated extras: patterns (pattern class per head), words "
-                          "(word-level attention), similarity (head-to-head JS distances)")
+                          "(word-level attention), similarity (head-to-head JS distances), "
+                          "or one a --plugin registers")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="import MODULE first, so the analyses it registers can be named in "
+                          "--analyses (repeatable; see docs/analysis.md)")
     run.add_argument("--similarity-docs", type=int, default=0, metavar="N",
                      help="head similarity over the first N documents only (default 0: all)")
     run.add_argument("--capture-qk", action="store_true",
@@ -115,6 +118,7 @@ def _check_engine_options(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.analysis.registry import load_plugins, parse_analyses
     from pipelines.jobs.local import run_job
 
     for name in ("batch_tokens", "shard_tokens"):
@@ -123,6 +127,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.similarity_docs < 0:
         raise ConfigError("--similarity-docs must be 0 (all documents) or positive")
     _check_engine_options(args)
+    if args.plugin and args.engine == "ray":
+        raise ConfigError("--plugin: only with --engine local (Ray workers do not load plugins)")
+    load_plugins(args.plugin)
     config = RunConfig(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         attention=AttentionMode.parse(args.attention),

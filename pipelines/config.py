@@ -84,19 +84,6 @@ class OnnxOptions:
             raise ConfigError("ONNX Runtime thread counts must be 0 (default) or positive")
 
 
-#: Analyses a job can add to the statistics (see docs/analysis.md).
-ANALYSES = ("patterns", "words", "similarity")
-
-
-def parse_analyses(text: str) -> tuple[str, ...]:
-    """``"patterns,words"`` → ("patterns", "words"), in canonical order; '' → ()."""
-    names = {name.strip() for name in text.split(",") if name.strip()}
-    unknown = sorted(names - set(ANALYSES))
-    if unknown:
-        raise ConfigError(f"unknown analysis {', '.join(unknown)}: use {', '.join(ANALYSES)}")
-    return tuple(name for name in ANALYSES if name in names)
-
-
 #: ``auto`` runs an ONNX export folder with ONNX Runtime and anything else with PyTorch.
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -119,7 +106,7 @@ class RunConfig:
     shard_tokens: int = 32768
     allow_download: bool = False
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
-    #: Extra analyses: pattern classes, word-level attention, head similarity.
+    #: Extra analyses by name, in registry order (``pipelines.analysis.registry``).
     analyses: tuple[str, ...] = ()
     #: Head similarity over the first N documents only (0: all of them).
     similarity_docs: int = 0

@@ -31,11 +31,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.analysis import batch as stages
-from pipelines.analysis.words import words_table
+from pipelines.analysis import registry
 from pipelines.backends.base import Capability
 from pipelines.backends.head_mask import HeadMask
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
-from pipelines.config import AttentionMode, ConfigError, WindowConfig, parse_analyses
+from pipelines.config import AttentionMode, ConfigError, WindowConfig
 from pipelines.dataset import manifest as manifests
 from pipelines.dataset import schema
 from pipelines.dataset.writer import append_parts
@@ -51,10 +51,13 @@ from service.worker import DocumentJob, ModelWorker
 log = logging.getLogger(__name__)
 RequestModel = TypeVar("RequestModel", AttentionRequest, ViewRequest)
 OPEN_ROUTES = {"/healthz", "/readyz"}
-#: Tables with layer and head columns, which the request's layers/heads filters apply to.
-PER_HEAD_TABLES = {"head_stats", "attention", "head_patterns", "word_attention"}
-#: The analysis that produces each optional table.
-TABLE_ANALYSIS = {"head_patterns": "patterns", "words": "words", "word_attention": "words"}
+
+
+def per_head_tables() -> set[str]:
+    """Tables with layer and head columns, which the request's layers/heads filters apply to
+    (core and registered; read per request, so plugins count)."""
+    return {name for name, spec in registry.table_specs().items()
+            if spec.per_head and spec.per_shard}
 
 
 class ApiError(Exception):
@@ -196,6 +199,7 @@ class Ingress:
     """HTTP front: validation, tokenisation, limits, fan-out to model workers, responses."""
 
     def __init__(self, config: ServiceConfig, workers: dict[str, DeploymentHandle]) -> None:
+        registry.load_plugins(config.plugins)
         self.config = config
         self.workers = workers
         self.models: dict[str, ModelState] = {}
@@ -255,26 +259,27 @@ class Ingress:
         self._check_ranges(body, state.info)
         self._check_disabled(body, state)
         windows = self._windows(body, state)
-        analyses = parse_analyses(",".join(body.analyses))
+        analyses = registry.check_analyses(body.analyses)
         jobs = [DocumentJob(doc_windows, body.attention, body.local_window, analyses,
                             body.disable_heads) for doc_windows in windows]
         results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
-        tables = {"documents": stages.documents_table(flat), "tokens": stages.tokens_table(flat),
-                  **stages.concat(results)}
-        if "words" in analyses:
-            tables["words"] = words_table(flat)
-        tables = stages.sort_tables(tables)
+        text = stages.text_tables(flat, analyses)
+        # documents and tokens, the model's tables, then the analyses' text tables (as before)
+        tables = stages.sort_tables({**{name: text[name] for name in ("documents", "tokens")},
+                                     **stages.concat(results),
+                                     **{n: t for n, t in text.items()
+                                        if n not in ("documents", "tokens")}})
         if body.store:
             self._store(body, state, tables)
-        for name in PER_HEAD_TABLES & tables.keys():
+        for name in per_head_tables() & tables.keys():
             tables[name] = _select(tables[name], body.layers, body.heads)
         if not body.statistics:
             tables["head_stats"] = schema.HEAD_STATS.empty_table()
         if ARROW_STREAM in request.headers.get("accept", ""):
             if body.table not in tables:
                 raise ApiError(422, f"table {body.table!r} needs analyses "
-                                    f"[{TABLE_ANALYSIS[body.table]!r}] in the request")
+                                    f"[{registry.table_owner(body.table)!r}] in the request")
             return _arrow_response(tables[body.table], body.table)
         payload = {"model": body.model or self.config.default_model,
                    "attention_mode": body.attention,
@@ -297,8 +302,7 @@ class Ingress:
         job = DocumentJob(windows, body.attention, local_window=2,
                           capture_qk=can_capture if body.qk is None else body.qk)
         (tables,) = await self._analyse(state, [job])
-        text = {"documents": stages.documents_table(windows),
-                "tokens": stages.tokens_table(windows)}
+        text = stages.text_tables(windows, ())
         model = {**dataclasses.asdict(state.info), "name": body.model or self.config.default_model}
         payload = build_payload(model, body.attention, body.id,
                                 text["documents"].to_pylist(), text["tokens"],
@@ -387,12 +391,14 @@ class Ingress:
             "input": {"source": "http"},
         }
         part = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        append_parts(root, part, tables, manifest)
+        append_parts(root, part, tables, manifest,
+                     {name: spec.row_group_rows for name, spec in registry.table_specs().items()})
 
 
 def build(args: dict) -> serve.Application:
     """Serve application builder (``import_path: service.app:build``)."""
     config = ServiceConfig.model_validate(args or {})
+    registry.load_plugins(config.plugins)  # fail at build time on a plugin that cannot load
     workers = {}
     for model in config.models:
         options = {
@@ -405,7 +411,7 @@ def build(args: dict) -> serve.Application:
             options["autoscaling_config"] = model.autoscaling.model_dump()
         else:
             options["num_replicas"] = model.num_replicas
-        workers[model.name] = ModelWorker.options(**options).bind(model)
+        workers[model.name] = ModelWorker.options(**options).bind(model, config.plugins)
     ingress = config.ingress
     return Ingress.options(
         ray_actor_options={"num_cpus": ingress.num_cpus},

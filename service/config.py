@@ -98,6 +98,10 @@ class ServiceConfig(Strict):
     #: Bearer token: read from this environment variable, or from ``auth_token_file``.
     auth_token_env: str = "HEADSCOPE_API_TOKEN"
     auth_token_file: str | None = None
+    #: Modules the ingress and every model worker import at start-up, before serving: a
+    #: module that calls ``pipelines.analysis.registry.register(...)`` adds an analysis that
+    #: requests can name in ``analyses`` (it must be importable on every Ray node).
+    plugins: list[str] = Field(default_factory=list)
 
     @field_validator("models")
     @classmethod

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.analysis import registry
 from pipelines.config import AttentionMode, ConfigError
+from pipelines.dataset import schema
 
-TableName = Literal["documents", "tokens", "head_stats", "attention", "head_patterns", "words",
-                    "word_attention"]
-#: Analyses cheap enough per request (head similarity is a corpus-level analysis).
-RequestAnalysis = Literal["patterns", "words"]
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
@@ -19,6 +17,25 @@ def _require_content(value: str) -> str:
     if not value.strip():
         raise ValueError("text is blank")
     return value
+
+
+def request_analyses() -> tuple[str, ...]:
+    """Analyses a request may ask for: those the registry offers to the service (read at
+    request time, so analyses that plugins register count)."""
+    return registry.service_names()
+
+
+def request_tables() -> tuple[str, ...]:
+    """Tables a request may name in ``table``: the core tables and those of the requestable
+    analyses (partial tables excluded)."""
+    tables = [*schema.TABLES]
+    for analysis in registry.selected(request_analyses()):
+        tables += [spec.name for spec in analysis.tables if not spec.hidden]
+    return tuple(tables)
+
+
+def _options(names: tuple[str, ...]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 #: A text with at least one non-space character.
@@ -50,13 +67,31 @@ class AttentionRequest(BaseModel):
     stride: int = Field(64, ge=0)
     truncate: bool = False
     local_window: int = Field(2, ge=0, le=64)
-    analyses: list[RequestAnalysis] = Field(
-        [], description="also return head_patterns (patterns) and words + word_attention (words)")
+    analyses: list[str] = Field(
+        [], description="also return the tables of these analyses, e.g. head_patterns "
+                        "(patterns) and words + word_attention (words)")
     disable_heads: str | None = Field(
         None, description='heads to disable in the forward pass, e.g. "3.5,3.7" or "0.*"')
     store: bool = Field(False, description="also append the results to the service dataset")
-    table: TableName = Field("head_stats",
-                             description="the table sent when Accept asks for Arrow")
+    table: str = Field("head_stats", description="the table sent when Accept asks for Arrow")
+
+    @field_validator("analyses")
+    @classmethod
+    def _requestable(cls, values: list[str]) -> list[str]:
+        offered = request_analyses()
+        unknown = [name for name in values if name not in offered]
+        if unknown:
+            raise ValueError(f"unknown analysis {_options(tuple(unknown))}: use one of "
+                             f"{_options(offered)}")
+        return values
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        tables = request_tables()
+        if value not in tables:
+            raise ValueError(f"Input should be {_options(tables)}")
+        return value
 
     @field_validator("attention")
     @classmethod

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from pipelines.analysis import batch as stages
+from pipelines.analysis import registry
 from pipelines.backends import Backend, create_backend
 from pipelines.backends.base import Capability, require
 from pipelines.backends.head_mask import HeadMask
@@ -92,7 +93,8 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
 class ModelWorker:
     """A replica holding one model; documents from concurrent requests share batches."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, plugins: list[str] | None = None) -> None:
+        registry.load_plugins(plugins or [])  # the analyses requests may name
         self.config = config
         self.backend = create_backend(config.backend, config.model, config.device, config.dtype,
                                       onnx=OnnxOptions(**config.onnx.model_dump()))

@@ -1,4 +1,4 @@
-"""Word-level attention: subword tokens merged into words the way Clark et al. (2019) did.
+"""The ``words`` analysis: subword tokens merged into words the way Clark et al. (2019) did.
 
 A word is what the tokenizer's pre-tokenizer made of the text before splitting it into
 subwords (BERT: runs of letters or digits, each punctuation mark; GPT-2: a word with its
@@ -7,6 +7,10 @@ share a word. For a word made of several tokens, the attention *to* it is the su
 weights to its tokens and the attention *from* it is the mean of its tokens' rows, so every
 word row still sums to 1. A window that starts or ends inside a word keeps only the pieces it
 holds.
+
+The merging of attention maps is tensor maths in :mod:`pipelines.compute.words`; this module
+decides the words of a window, builds the ``words`` and ``word_attention`` tables and declares
+the analysis to the registry.
 """
 
 from __future__ import annotations
@@ -15,8 +19,33 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.dataset.schema import WORDS
+from pipelines.analysis.registry import Analysis, BatchContext, BatchTables
+from pipelines.compute.kept import kept_weights
+from pipelines.compute.stats import row_order
+from pipelines.compute.words import word_attention
+from pipelines.config import RunConfig
+from pipelines.dataset.schema import KEY_FIELDS, TableSpec, weight_type
+from pipelines.dataset.tables import key_columns
 from pipelines.text.tokenize import Window
+
+__all__ = ["ANALYSIS", "WORDS", "word_attention", "word_attention_schema",
+           "word_attention_table", "word_index", "word_of_token", "words_table"]
+
+WORDS = pa.schema([
+    ("doc_id", pa.string()),
+    ("window", pa.uint16()),
+    ("word", pa.uint16()),
+    ("token_start", pa.uint16()),  # first position of the word in the window
+    ("token_end", pa.uint16()),  # one past its last position
+    ("text", pa.string()),
+    ("segment", pa.uint8()),
+    ("is_special", pa.bool_()),
+])
+
+
+def word_attention_schema(full: bool) -> pa.Schema:
+    return pa.schema(KEY_FIELDS + [("query_word", pa.uint16()), ("key_word", pa.uint16()),
+                                   ("weight", weight_type(full))])
 
 
 def word_of_token(window: Window) -> np.ndarray:
@@ -63,25 +92,39 @@ def word_index(windows: list[Window], length: int, device: torch.device) -> torc
     return index.to(device)
 
 
-def word_attention(attn: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word-to-word attention [L, B, H, W, W] and the valid words [B, W].
+def word_attention_table(context: BatchContext) -> tuple[pa.Table, np.ndarray]:
+    """The kept word-to-word weights in the job's attention mode, and each row's batch row."""
+    batch, attn, config = context.batch, context.attn, context.config
+    mode, full = config.attention, config.attention.kind == "full"
+    if mode.kind == "none":
+        return word_attention_schema(full).empty_table(), np.zeros(0, np.int64)
+    index = word_index(batch.windows, attn.shape[-1], attn.device)  # [B, S]
+    word_attn, word_valid = word_attention(attn, index)  # [L, B, H, W, W], [B, W]
+    order = row_order(word_attn, mode.k if mode.kind == "topk" else None)
+    kept = kept_weights(word_attn, word_valid, context.info.causal, mode, order.kth_largest)
+    columns = {**key_columns(batch.windows, kept["batch_index"]), "layer": kept["layer"],
+               "head": kept["head"], "query_word": kept["query"], "key_word": kept["key"],
+               "weight": kept["weight"]}
+    return pa.table(columns, schema=word_attention_schema(full)), kept["batch_index"]
 
-    ``attn`` is [L, B, H, S, S] with zeros on pad keys; ``index`` is [B, S] from
-    :func:`word_index`. Two scatter-adds (over keys, then over queries) merge the pieces;
-    padding goes to one extra slot, dropped at the end.
-    """
-    layers, size, heads, length, _ = attn.shape
-    padding = index == length
-    words = int(index.masked_fill(padding, -1).max()) + 1  # W, in the widest window
-    index = index.masked_fill(padding, words)  # padding → slot W
-    keys = index[None, :, None, None, :].expand(layers, size, heads, length, length)
-    to_words = attn.new_zeros((layers, size, heads, length, words + 1))  # [L, B, H, S, W+1]
-    to_words.scatter_add_(-1, keys, attn)
-    queries = index[None, :, None, :, None].expand(layers, size, heads, length, words + 1)
-    summed = attn.new_zeros((layers, size, heads, words + 1, words + 1))
-    summed.scatter_add_(-2, queries, to_words)  # [L, B, H, W+1, W+1]
-    pieces = torch.zeros((size, words + 1), dtype=attn.dtype, device=attn.device)
-    pieces.scatter_add_(1, index, torch.ones_like(attn[0, :, 0, 0]))
-    pieces = pieces[:, :words]  # [B, W]: tokens per word, 0 where a window has fewer words
-    mean_rows = summed[..., :words, :words] / pieces.clamp(min=1)[None, :, None, :, None]
-    return mean_rows, pieces > 0
+
+def _per_batch(context: BatchContext) -> BatchTables:
+    return {"word_attention": word_attention_table(context)}
+
+
+def _describe(config: RunConfig) -> dict:
+    return {"to_word": "sum of the weights to its tokens",
+            "from_word": "mean of its tokens' rows", "unit": "pre-tokenizer words"}
+
+
+ANALYSIS = Analysis(
+    name="words",
+    tables=(TableSpec("words", WORDS, ("doc_id", "window", "word"), 131072),
+            TableSpec("word_attention", lambda full=False, **_: word_attention_schema(full),
+                      ("doc_id", "window", "layer", "head", "query_word", "key_word"), 262144,
+                      per_head=True)),
+    per_batch=_per_batch,
+    text_tables=lambda windows: {"words": words_table(windows)},
+    describe=_describe,
+    service=True,
+)

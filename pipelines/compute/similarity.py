@@ -16,7 +16,6 @@ import inspect
 import math
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 #: Cells (head pairs × query rows × keys) per chunk of the pairwise computation.
@@ -119,19 +118,6 @@ class HeadSimilarity:
         if not self.rows:
             return np.full(self._sums.shape, np.nan)
         return (self._sums + self._sums.T) / self.rows
-
-    def to_table(self) -> pa.Table:
-        """Every ordered pair (a == b included), a-major: layer/head of both, distance, rows."""
-        size = self.num_layers * self.num_heads
-        first, second = np.divmod(np.arange(size * size), size)
-        return pa.table({
-            "layer_a": pa.array(first // self.num_heads, pa.uint8()),
-            "head_a": pa.array(first % self.num_heads, pa.uint8()),
-            "layer_b": pa.array(second // self.num_heads, pa.uint8()),
-            "head_b": pa.array(second % self.num_heads, pa.uint8()),
-            "js_distance": pa.array(self.distance().reshape(-1).astype(np.float32)),
-            "n_rows": pa.array(np.full(size * size, self.rows, np.int64)),
-        })
 
 
 def _precomputed_mds_options(mds_class: type) -> dict:

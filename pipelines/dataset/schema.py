@@ -1,38 +1,20 @@
-"""Arrow schemas of the dataset tables. The service returns the same names and types."""
+"""Arrow schemas of the dataset tables and their specs. The service returns the same names
+and types.
+
+A :class:`TableSpec` says how one table is stored: its schema (or a factory, where the schema
+depends on the job), its sort keys (row groups follow them, so filters prune), its row-group
+size, and whether it has ``layer``/``head`` columns. The core tables are specified here; each
+analysis declares its own tables next to its code (``pipelines/analysis/``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from pipelines.compute.stats import STAT_NAMES
-
-TABLES = ("documents", "tokens", "head_stats", "attention")
-#: Tables a job writes per shard when an analysis asks for them (``--analyses``).
-ANALYSIS_TABLES = ("head_patterns", "words", "word_attention")
-#: Per-shard partial head similarities; underscore folders are not part of the dataset
-#: that pandas/pyarrow read, and are merged into ``head_similarity`` when the job finishes.
-SIMILARITY_PARTS = "_similarity"
-#: Tables of captured model internals (``--capture-qk``).
-CAPTURE_TABLES = ("qk",)
-SHARD_TABLES = (*TABLES, *ANALYSIS_TABLES, *CAPTURE_TABLES, SIMILARITY_PARTS)
-#: Sort keys of each table; row groups follow this order so filters prune them.
-SORT_KEYS: dict[str, list[str]] = {
-    "documents": ["doc_id", "window"],
-    "tokens": ["doc_id", "window", "position"],
-    "head_stats": ["doc_id", "window", "layer", "head"],
-    "attention": ["doc_id", "window", "layer", "head", "query", "key"],
-    "head_patterns": ["doc_id", "window", "layer", "head"],
-    "words": ["doc_id", "window", "word"],
-    "word_attention": ["doc_id", "window", "layer", "head", "query_word", "key_word"],
-    "qk": ["doc_id", "window", "layer", "head", "position"],
-    SIMILARITY_PARTS: ["layer_a", "head_a", "layer_b", "head_b"],
-}
-ROW_GROUP_ROWS: dict[str, int] = {
-    "documents": 65536, "tokens": 131072, "head_stats": 65536, "attention": 262144,
-    "head_patterns": 65536, "words": 131072, "word_attention": 262144,
-    "qk": 16384,
-    SIMILARITY_PARTS: 65536,
-}
 
 DOCUMENTS = pa.schema([
     ("doc_id", pa.string()),
@@ -64,17 +46,22 @@ TOKENS = pa.schema([
     ("is_punct", pa.bool_()),
 ])
 
-_KEYS = [("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
+KEY_FIELDS = [("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
          ("head", pa.uint8())]
 
-HEAD_STATS = pa.schema(_KEYS + [(name, pa.float32()) for name in STAT_NAMES]
+HEAD_STATS = pa.schema(KEY_FIELDS + [(name, pa.float32()) for name in STAT_NAMES]
                        + [("n_tokens", pa.uint16())])
+
+
+def weight_type(full: bool) -> pa.DataType:
+    """``full`` mode stores weights as float16; top-k and threshold keep float32."""
+    return pa.float16() if full else pa.float32()
 
 
 def attention_schema(full: bool) -> pa.Schema:
     """``full`` mode stores weights as float16; top-k and threshold keep float32."""
-    return pa.schema(_KEYS + [("query", pa.uint16()), ("key", pa.uint16()),
-                              ("weight", pa.float16() if full else pa.float32())])
+    return pa.schema(KEY_FIELDS + [("query", pa.uint16()), ("key", pa.uint16()),
+                                   ("weight", weight_type(full))])
 
 
 SUMMARY_FIELDS = [("layer", pa.uint8()), ("head", pa.uint8()), ("n_windows", pa.int64())]
@@ -83,26 +70,6 @@ HEAD_SUMMARY = pa.schema(
     + [(f"{name}_{agg}", pa.float64()) for name in STAT_NAMES for agg in ("mean", "std")]
     + [("n_tokens_mean", pa.float64())]
 )
-
-
-HEAD_PATTERNS = pa.schema(_KEYS + [("pattern", pa.string()), ("vertical", pa.float32()),
-                                   ("diagonal", pa.float32()), ("block", pa.float32())])
-
-WORDS = pa.schema([
-    ("doc_id", pa.string()),
-    ("window", pa.uint16()),
-    ("word", pa.uint16()),
-    ("token_start", pa.uint16()),  # first position of the word in the window
-    ("token_end", pa.uint16()),  # one past its last position
-    ("text", pa.string()),
-    ("segment", pa.uint8()),
-    ("is_special", pa.bool_()),
-])
-
-
-def word_attention_schema(full: bool) -> pa.Schema:
-    return pa.schema(_KEYS + [("query_word", pa.uint16()), ("key_word", pa.uint16()),
-                              ("weight", pa.float16() if full else pa.float32())])
 
 
 _PAIR = [("layer_a", pa.uint8()), ("head_a", pa.uint8()), ("layer_b", pa.uint8()),
@@ -116,5 +83,62 @@ def qk_schema(head_dim: int) -> pa.Schema:
     """One row per (window, layer, head, position): the projected query and key vectors and
     the factor the model scales their dot product by before the softmax."""
     vector = pa.list_(pa.float32(), head_dim)
-    return pa.schema(_KEYS + [("position", pa.uint16()), ("query", vector), ("key", vector),
+    return pa.schema(KEY_FIELDS + [("position", pa.uint16()), ("query", vector), ("key", vector),
                               ("scale", pa.float32())])
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How one table of a dataset is stored.
+
+    ``schema`` is a schema, or a factory called with the job's options (``full``: weights as
+    float16, ``head_dim``: the query/key vector size) where the schema depends on them.
+    ``per_shard``: one part per shard (False: written once, when a job finishes).
+    ``hidden``: an underscore folder of partial results, merged when the job finishes and
+    left out of the row counts.
+    """
+
+    name: str
+    schema: pa.Schema | Callable[..., pa.Schema]
+    sort_keys: tuple[str, ...]
+    row_group_rows: int = 65536
+    per_head: bool = False
+    per_shard: bool = True
+    hidden: bool = False
+
+    def arrow_schema(self, **options) -> pa.Schema:
+        return self.schema(**options) if callable(self.schema) else self.schema
+
+
+CORE_SPECS: tuple[TableSpec, ...] = (
+    TableSpec("documents", DOCUMENTS, ("doc_id", "window")),
+    TableSpec("tokens", TOKENS, ("doc_id", "window", "position"), 131072),
+    TableSpec("head_stats", HEAD_STATS, ("doc_id", "window", "layer", "head"), per_head=True),
+    TableSpec("attention", lambda full=False, **_: attention_schema(full),
+              ("doc_id", "window", "layer", "head", "query", "key"), 262144, per_head=True),
+)
+#: Tables of captured model internals (``--capture-qk``).
+QK_SPEC = TableSpec("qk", lambda head_dim=64, **_: qk_schema(head_dim),
+                    ("doc_id", "window", "layer", "head", "position"), 16384, per_head=True)
+HEAD_SUMMARY_SPEC = TableSpec("head_summary", HEAD_SUMMARY, ("layer", "head"), per_head=True,
+                              per_shard=False)
+#: Every job writes these per shard.
+TABLES = tuple(spec.name for spec in CORE_SPECS)
+#: Every table spec this process knows: the core tables, and those of each analysis as it
+#: registers (``pipelines.analysis.registry``); ``add_specs`` keeps the two lookups below in step.
+SPECS: dict[str, TableSpec] = {spec.name: spec for spec in (*CORE_SPECS, QK_SPEC,
+                                                             HEAD_SUMMARY_SPEC)}
+#: Sort keys of each known table (row groups follow this order so filters prune them).
+SORT_KEYS: dict[str, list[str]] = {}
+ROW_GROUP_ROWS: dict[str, int] = {}
+
+
+def add_specs(specs: Iterable[TableSpec]) -> None:
+    """Make tables known by name (SPECS, SORT_KEYS, ROW_GROUP_ROWS)."""
+    for spec in specs:
+        SPECS[spec.name] = spec
+        SORT_KEYS[spec.name] = list(spec.sort_keys)
+        ROW_GROUP_ROWS[spec.name] = spec.row_group_rows
+
+
+add_specs(SPECS.values())

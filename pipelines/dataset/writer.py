@@ -17,22 +17,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.analysis.patterns import PATTERN_CLASSES
-from pipelines.compute.similarity import coordinates
-from pipelines.compute.stats import STAT_NAMES
 from pipelines.dataset import schema
+from pipelines.dataset.summaries import stats_summary
 
 MANIFEST = "manifest.json"
 SHARDS = "_shards"
-#: Tables written once, when a job finishes.
-FINAL_TABLES = ("head_summary", "head_similarity", "head_coords")
+#: Called when a job finishes with the dataset folder and the corpus-level tables so far
+#: (``head_summary`` first); adds or replaces tables in that dict.
+Finaliser = Callable[[Path, dict[str, pa.Table]], None]
 
 
 class OutputError(ValueError):
@@ -81,8 +79,11 @@ def part_name(shard: int) -> str:
 class DatasetWriter:
     """Writes one dataset folder; see the module docstring for the layout."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path,
+                 specs: Mapping[str, schema.TableSpec] | None = None) -> None:
+        """``specs``: the tables a job may write, by name (default: every known table)."""
         self.root = Path(root)
+        self.specs = dict(schema.SPECS if specs is None else specs)
 
     def check(self, resume: bool = False, overwrite: bool = False) -> None:
         """Fail early (before any model is loaded) if the folder cannot be used as asked."""
@@ -127,28 +128,32 @@ class DatasetWriter:
         return {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()
 
     def _clean_unfinished(self) -> None:
+        """Temporary files anywhere, and the parts of unfinished shards in every table
+        folder (tables written when the job finishes are rewritten then)."""
         finished = {part_name(s) for s in self.finished_shards()}
-        for name in (*schema.SHARD_TABLES, *FINAL_TABLES, SHARDS):
-            folder = self.root / name
+        for folder in self.root.iterdir():
             if not folder.is_dir():
                 continue
+            spec = self.specs.get(folder.name)
+            shard_parts = folder.name != SHARDS and (spec is None or spec.per_shard)
             for path in folder.iterdir():
-                unfinished_part = path.suffix == ".parquet" and path.name not in finished
-                if path.name.startswith(".tmp-") or (name in schema.SHARD_TABLES
-                                                     and unfinished_part):
+                unfinished_part = (path.name.startswith("part-") and path.suffix == ".parquet"
+                                   and path.name not in finished)
+                if path.name.startswith(".tmp-") or (shard_parts and unfinished_part):
                     path.unlink()
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, int]:
         """Write every table of one shard, then its marker; return row counts."""
         missing = [name for name in schema.TABLES if name not in tables]
-        unknown = [name for name in tables if name not in schema.SHARD_TABLES]
+        unknown = [name for name in tables
+                   if name not in self.specs or not self.specs[name].per_shard]
         if missing or unknown:
             raise ValueError(f"shard tables: missing {missing}, unknown {unknown}")
         for name, table in tables.items():
             atomic_write_parquet(self.root / name / part_name(shard), table,
-                                 schema.ROW_GROUP_ROWS[name])
+                                 self.specs[name].row_group_rows)
         counts = {name: table.num_rows for name, table in tables.items()
-                  if name != schema.SIMILARITY_PARTS}
+                  if not self.specs[name].hidden}
         atomic_write_json(self.root / SHARDS / f"{shard:05d}.json", counts)
         return counts
 
@@ -159,12 +164,12 @@ class DatasetWriter:
                 totals[name] = totals.get(name, 0) + count
         return totals
 
-    def finish(self, manifest: dict) -> None:
-        """Write the corpus-level tables and the completed manifest."""
-        finals = {"head_summary": head_summary(self.root / "head_stats",
-                                               self.root / "head_patterns")}
-        if (self.root / schema.SIMILARITY_PARTS).is_dir():
-            finals.update(merge_similarity(self.root / schema.SIMILARITY_PARTS))
+    def finish(self, manifest: dict, finalisers: Iterable[Finaliser] = ()) -> None:
+        """Write the corpus-level tables (``head_summary``, and whatever ``finalisers`` add)
+        and the completed manifest."""
+        finals = {"head_summary": stats_summary(self.root / "head_stats")}
+        for finalise in finalisers:
+            finalise(self.root, finals)
         for name, table in finals.items():
             atomic_write_parquet(self.root / name / part_name(0), table, 65536)
         manifest["counts"] = {**self.shard_counts(),
@@ -177,100 +182,8 @@ class DatasetWriter:
         atomic_write_json(self.root / MANIFEST, manifest)
 
 
-def merge_similarity(parts_dir: Path) -> dict[str, pa.Table]:
-    """``head_similarity`` (row-weighted mean over the shards) and ``head_coords`` (2-D MDS)."""
-    parts = pq.read_table(parts_dir).to_pandas()
-    keys = ["layer_a", "head_a", "layer_b", "head_b"]
-    parts = parts[parts["n_rows"] > 0]
-    parts["weighted"] = parts["js_distance"].astype(np.float64) * parts["n_rows"]
-    merged = parts.groupby(keys, sort=True)[["weighted", "n_rows"]].sum().reset_index()
-    merged["js_distance"] = (merged["weighted"] / merged["n_rows"]).astype(np.float32)
-    table = pa.Table.from_pandas(merged[[*keys, "js_distance", "n_rows"]],
-                                 schema=schema.HEAD_SIMILARITY, preserve_index=False)
-    if table.num_rows == 0:
-        return {"head_similarity": table, "head_coords": schema.HEAD_COORDS.empty_table()}
-    layers, heads = int(merged["layer_a"].max()) + 1, int(merged["head_a"].max()) + 1
-    distance = merged["js_distance"].to_numpy(np.float64).reshape(layers * heads, -1)
-    xy = coordinates(distance)
-    layer, head = np.divmod(np.arange(layers * heads), heads)
-    coords = pa.table({"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
-                       "x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)},
-                      schema=schema.HEAD_COORDS)
-    return {"head_similarity": table, "head_coords": coords}
-
-
-def pattern_shares(patterns_dir: Path) -> pd.DataFrame | None:
-    """Per (layer, head): the share of windows in each pattern class, or None."""
-    if not patterns_dir.is_dir():
-        return None
-    frame = pq.read_table(patterns_dir, columns=["layer", "head", "pattern"]).to_pandas()
-    if frame.empty:
-        return None
-    shares = pd.crosstab([frame["layer"], frame["head"]], frame["pattern"].astype(str),
-                         normalize="index")
-    shares = shares.reindex(columns=list(PATTERN_CLASSES), fill_value=0.0)
-    shares.columns = [f"share_{name.replace('+', '_')}" for name in shares.columns]
-    return shares.reset_index()
-
-
-def head_summary(head_stats_dir: Path, patterns_dir: Path | None = None) -> pa.Table:
-    """Per (layer, head) statistics summary, plus pattern-class shares where they exist."""
-    table = stats_summary(head_stats_dir)
-    shares = pattern_shares(patterns_dir) if patterns_dir is not None else None
-    if shares is None or table.num_rows == 0:
-        return table
-    frame = table.to_pandas().merge(shares, on=["layer", "head"], how="left")
-    return pa.Table.from_pandas(frame, preserve_index=False)
-
-
-def stats_summary(head_stats_dir: Path) -> pa.Table:
-    """Per (layer, head): mean and std of every statistic over all windows.
-
-    Reads one part at a time and keeps running sums, so memory stays flat. Nulls (e.g.
-    ``mass_sep`` of a GPT-2 model) are left out of a statistic's mean; all-null gives null.
-    """
-    sums: dict[str, np.ndarray] = {}
-    squares: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    shape: tuple[int, int] | None = None
-    windows = tokens = None
-    for path in sorted(head_stats_dir.glob("part-*.parquet")):
-        table = pq.read_table(path)
-        if table.num_rows == 0:
-            continue
-        layer = table["layer"].to_numpy().astype(np.int64)
-        head = table["head"].to_numpy().astype(np.int64)
-        if shape is None:
-            shape = (int(layer.max()) + 1, int(head.max()) + 1)
-            windows, tokens = np.zeros(shape), np.zeros(shape)
-        np.add.at(windows, (layer, head), 1)
-        np.add.at(tokens, (layer, head), table["n_tokens"].to_numpy().astype(np.float64))
-        for name in STAT_NAMES:
-            values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
-            present = ~np.isnan(values)
-            for store, data in ((sums, values), (squares, values**2), (counts, present)):
-                store.setdefault(name, np.zeros(shape))
-                np.add.at(store[name], (layer[present], head[present]), data[present])
-    if shape is None:
-        return schema.HEAD_SUMMARY.empty_table()
-    layer, head = (a.ravel() for a in np.meshgrid(np.arange(shape[0]), np.arange(shape[1]),
-                                                  indexing="ij"))
-    columns: dict[str, object] = {"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
-                                  "n_windows": windows.ravel().astype(np.int64)}
-    for name in STAT_NAMES:
-        count = counts[name].ravel()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = sums[name].ravel() / count
-            var = np.maximum(squares[name].ravel() / count - mean**2, 0.0)
-            std = np.sqrt(var * count / np.maximum(count - 1, 1))
-        columns[f"{name}_mean"] = pa.array(mean, from_pandas=True)
-        columns[f"{name}_std"] = pa.array(np.where(count > 1, std, np.nan), from_pandas=True)
-    columns["n_tokens_mean"] = tokens.ravel() / windows.ravel()
-    return pa.table(columns, schema=schema.HEAD_SUMMARY)
-
-
 def append_parts(root: str | Path, part_id: str, tables: dict[str, pa.Table],
-                 manifest: dict) -> dict[str, int]:
+                 manifest: dict, row_group_rows: Mapping[str, int]) -> dict[str, int]:
     """Add one part per table to an open-ended dataset (the service's ``store``).
 
     The manifest is written once, when the folder is new; each part file appears atomically
@@ -282,5 +195,5 @@ def append_parts(root: str | Path, part_id: str, tables: dict[str, pa.Table],
         atomic_write_json(root / MANIFEST, {**manifest, "status": "open"})
     name = f"part-{part_id}.parquet"
     for table_name, table in tables.items():
-        atomic_write_parquet(root / table_name / name, table, schema.ROW_GROUP_ROWS[table_name])
+        atomic_write_parquet(root / table_name / name, table, row_group_rows[table_name])
     return {table_name: table.num_rows for table_name, table in tables.items()}

@@ -12,12 +12,11 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipelines.analysis import batch as stages
+from pipelines.analysis import registry
 from pipelines.backends import Backend, create_backend
-from pipelines.compute.similarity import HeadSimilarity
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import RunConfig
 from pipelines.dataset.manifest import DATASET_FORMAT, header, job_key, model_entry
-from pipelines.dataset.schema import SIMILARITY_PARTS
 from pipelines.dataset.writer import DatasetWriter
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.models import ModelInfo
@@ -51,18 +50,12 @@ def run_job_key(manifest: dict) -> str:
 
 def describe_analyses(config: RunConfig) -> dict:
     """What each analysis of the job computes, with its constants (for the manifest)."""
-    from pipelines.analysis.patterns import PATTERN_CLASSES, PatternThresholds
+    return registry.describe(config)
 
-    described = {
-        "patterns": {"classes": list(PATTERN_CLASSES), "thresholds": PatternThresholds().to_dict(),
-                     "classifier": "rules on map features; see docs/analysis.md"},
-        "words": {"to_word": "sum of the weights to its tokens",
-                  "from_word": "mean of its tokens' rows", "unit": "pre-tokenizer words"},
-        "similarity": {"distance": "sqrt(JS divergence, log base 2) per query row",
-                       "mean": "over every sampled valid query row of every window",
-                       "documents": config.similarity_docs or "all"},
-    }
-    return {name: described[name] for name in config.analyses}
+
+def job_writer(out: str | Path, config: RunConfig) -> DatasetWriter:
+    """The dataset writer of a corpus job, knowing the tables its analyses write."""
+    return DatasetWriter(out, registry.table_specs(config.analyses))
 
 
 def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
@@ -146,18 +139,14 @@ def _log_survey(found: Survey, summary: InputSummary, config: RunConfig,
 
 def shard_tables(backend: Backend, shard: Shard, config: RunConfig,
                  on_batch: Callable[[list[Window]], object] | None = None) -> dict[str, pa.Table]:
-    """Every table of one shard (the similarity partials included when asked for)."""
-    similarity = None
-    if "similarity" in config.analyses:
-        similarity = HeadSimilarity(backend.info.num_layers, backend.info.num_heads)
-    limit = config.similarity_docs or float("inf")  # the first N documents of the corpus
-    sampled = {doc.doc_id for index, doc in enumerate(shard.docs, shard.first_doc)
-               if index < limit}
+    """Every table of one shard (the analyses' per-shard partials included)."""
+    states = {analysis.name: analysis.shard_state(backend.info, config, shard)
+              for analysis in registry.selected(config.analyses)
+              if analysis.shard_state is not None}
     tables = stages.analyse_windows(backend, shard.windows, config, on_batch=on_batch,
-                                    similarity=similarity,
-                                    in_sample=lambda w: w.doc.doc_id in sampled)
-    if similarity is not None:
-        tables[SIMILARITY_PARTS] = similarity.to_table()
+                                    states=states)
+    for state in states.values():
+        tables.update(state.tables())
     return tables
 
 
@@ -194,7 +183,8 @@ def finish(job: Prepared, started: float) -> JobResult:
     summary, found = job.summary, job.found
     job.manifest["counts_input"] = {"documents": summary.documents, "windows": found.windows,
                                     "tokens": found.tokens}
-    job.writer.finish(job.manifest)
+    job.writer.finish(job.manifest,
+                      registry.finalisers(job.manifest["config"]["analyses"]))
     seconds = time.perf_counter() - started
     log.info("wrote %s: %d documents, %d windows, %d tokens in %.1f s", job.writer.root,
              summary.documents, found.windows, found.tokens, seconds)
@@ -217,7 +207,7 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
     started = time.perf_counter()
     config, columns = config or RunConfig(), columns or Columns()
     keep_freed_memory()
-    writer = DatasetWriter(out)
+    writer = job_writer(out, config)
     writer.check(resume=resume, overwrite=overwrite)
     backend = backend or create_backend(config.backend, config.model, config.device,
                                         config.dtype, config.allow_download, config.onnx)

@@ -31,8 +31,14 @@ import numpy as np
 
 from pipelines.backends import create_backend
 from pipelines.config import ConfigError, RunConfig
-from pipelines.dataset.writer import DatasetWriter
-from pipelines.jobs.local import JobResult, finish, prepare, progress_bar, shard_tables
+from pipelines.jobs.local import (
+    JobResult,
+    finish,
+    job_writer,
+    prepare,
+    progress_bar,
+    shard_tables,
+)
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.text.inputs import Columns
 from pipelines.text.plan import ReadUnit, unit_shards
@@ -107,7 +113,7 @@ class ShardWorker:
         torch.set_num_threads(threads)
         keep_freed_memory()
         self.config = config
-        self.writer = DatasetWriter(out)
+        self.writer = job_writer(out, config)
         self.backend = create_backend(config.backend, config.model, config.device,
                                       config.dtype, config.allow_download, config.onnx)
         self.node = ray.get_runtime_context().get_node_id()
@@ -190,7 +196,7 @@ def run_ray_job(inputs: list[str | Path], out: str | Path, config: RunConfig | N
 
     started = time.perf_counter()
     config, columns, options = config or RunConfig(), columns or Columns(), options or RayOptions()
-    writer = DatasetWriter(out)
+    writer = job_writer(out, config)
     writer.check(resume=resume, overwrite=overwrite)
     # The driver needs the tokenizer and the model's shape only; workers load the weights
     # on their own devices. A CPU copy here keeps one code path with the local engine.

@@ -31,10 +31,11 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipelines.analysis.patterns import PATTERN_CLASSES
+from pipelines.compute.patterns import PATTERN_CLASSES
 from pipelines.compute.stats import DEFINITIONS
 from pipelines.dataset.reader import Dataset
-from pipelines.dataset.writer import atomic_write_bytes, pattern_shares
+from pipelines.dataset.summaries import pattern_shares
+from pipelines.dataset.writer import atomic_write_bytes
 
 KINDS = ("heatmap", "patterns", "layers")
 SUFFIXES = (".png", ".svg")
@@ -127,7 +128,7 @@ def _summary(ds: Dataset) -> pd.DataFrame:
     summary = grouped.mean().add_suffix("_mean")
     summary.insert(0, "n_windows", grouped.size())
     summary = summary.reset_index()
-    shares = pattern_shares(ds.root / "head_patterns")
+    shares = pattern_shares(ds.root / "head_patterns", PATTERN_CLASSES)
     if shares is not None:
         summary = summary.merge(shares, on=["layer", "head"], how="left")
     return summary

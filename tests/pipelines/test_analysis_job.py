@@ -16,10 +16,12 @@ from conftest import SAMPLE_TEXTS
 
 from pipelines.analysis import batch as stages
 from pipelines.analysis.patterns import PATTERN_CLASSES
+from pipelines.analysis.registry import parse_analyses
+from pipelines.analysis.similarity import PARTS
 from pipelines.backends.batching import collate, plan_batches
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.similarity import HeadSimilarity
-from pipelines.config import ConfigError, RunConfig, WindowConfig, parse_analyses
+from pipelines.config import ConfigError, RunConfig, WindowConfig
 from pipelines.dataset import schema
 from pipelines.dataset.reader import Dataset
 from pipelines.jobs.local import run_job
@@ -110,7 +112,7 @@ def test_similarity_merged_over_shards_equals_one_pass(analysed: Path,
     assert (merged["n_rows"] == whole.rows).all()
     coords = pq.read_table(analysed / "head_coords").to_pandas()
     assert len(coords) == n and np.isfinite(coords[["x", "y"]].to_numpy()).all()
-    assert schema.SIMILARITY_PARTS not in Dataset.open(analysed).manifest["counts"]
+    assert PARTS not in Dataset.open(analysed).manifest["counts"]
 
 
 def test_similarity_docs_limits_the_sample(minilm: TorchBackend, tmp_path: Path) -> None:

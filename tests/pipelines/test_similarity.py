@@ -13,6 +13,7 @@ import torch
 from conftest import SAMPLE_TEXTS
 from scipy.spatial.distance import jensenshannon
 
+from pipelines.analysis.similarity import similarity_table
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.similarity import CHUNK_CELLS, HeadSimilarity, chunk_shape, coordinates
@@ -229,7 +230,7 @@ def test_to_table_round_trips(tmp_path: Path) -> None:
     layers, heads = 2, 3
     attn, valid = random_batch([5, 8], layers=layers, heads=heads, seed=13)
     sim = similarity_of(attn, valid)
-    table = sim.to_table()
+    table = similarity_table(sim)
     assert table.schema == pa.schema([
         ("layer_a", pa.uint8()), ("head_a", pa.uint8()), ("layer_b", pa.uint8()),
         ("head_b", pa.uint8()), ("js_distance", pa.float32()), ("n_rows", pa.int64())])

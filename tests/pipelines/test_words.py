@@ -98,7 +98,7 @@ def test_batched_word_attention_equals_one_window_at_a_time(backend: TorchBacken
     batched = stages.model_tables(backend, windows, config)["word_attention"]
     single = stages.concat(stages.model_tables(backend, [w], config) for w in windows)
     single = stages.sort_tables({"word_attention": single["word_attention"]})["word_attention"]
-    assert batched.schema == schema.word_attention_schema(mode == "full")
+    assert batched.schema == words.word_attention_schema(mode == "full")
     keys = schema.SORT_KEYS["word_attention"]
     assert batched.select(keys).equals(single.select(keys))
     np.testing.assert_allclose(batched["weight"].to_numpy().astype(float),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {"run", "export-onnx", "ablate", "view", "plot", "factors", "models", "demo", "serve"}
