@@ -37,3 +37,9 @@ STAT_ATOL = 1e-5
 #: ≤ 2^-11 ≈ 4.9e-4, and two values within ATTENTION_ATOL may round to neighbouring float16
 #: values: |Δ| ≤ 1 ulp + ATTENTION_ATOL < 1e-3.
 FLOAT16_ATOL = 1e-3
+
+#: The same shards and batch shapes run by another engine or process (Ray actors vs the local
+#: engine, a resume on the other engine): the same kernels on the same shapes, except the
+#: intra-op thread count (Ray workers set their own), which may split a reduction differently:
+#: a few eps32 of values ≲ 10 (mean_distance in tokens, MDS coordinates), so 1e-6, not bitwise.
+ENGINE_ATOL = 1e-6
