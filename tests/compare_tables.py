@@ -1,5 +1,9 @@
 """Comparing result tables: keys exactly, statistics within 1e-5, kept weights up to ties.
 
+The tables compared come from different batch shapes or backends (padding, batch size,
+Ray vs local, HTTP vs CLI, ONNX vs PyTorch), never the same kernels on the same shapes, so
+floats are compared within the bounds derived in ``tolerances``, never bitwise.
+
 Shared by the worker and HTTP tests (imported as a plain module, like ``conftest``).
 """
 
@@ -11,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tolerances import FLOAT16_ATOL, STAT_ATOL  # derived there
 
 from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import AttentionMode
 from pipelines.dataset import schema
 
-STAT_ATOL = 1e-5
 #: Statistics measured in tokens. Their rounding error grows with the distance (up to the
 #: window length n times that of the weights), so they are compared divided by n.
 IN_TOKENS = ("mean_distance",)
@@ -37,7 +41,7 @@ def assert_head_stats_equal(got: pa.Table, want: pa.Table, atol: float = STAT_AT
     assert got.schema == want.schema == schema.HEAD_STATS
     left, right = frame(got, "head_stats"), frame(want, "head_stats")
     keys = ["doc_id", "window", "layer", "head", "n_tokens"]
-    pd.testing.assert_frame_equal(left[keys], right[keys])
+    pd.testing.assert_frame_equal(left[keys], right[keys])  # keys: strings and integers
     n_tokens = left["n_tokens"].to_numpy(float)
     for name in STAT_NAMES:
         got_values, want_values = left[name].to_numpy(float), right[name].to_numpy(float)
@@ -56,6 +60,7 @@ def _allow_one_flip(got: np.ndarray, want: np.ndarray, n_tokens: np.ndarray,
     That happens when a row's cumulative mass sits within rounding of the 0.9 boundary. Such
     heads (at most 1% of them, and at least one allowed) are taken out of the comparison.
     """
+    # a flip moves the mean by exactly 1/n; the rest of it is the statistics' own rounding
     one_flip = np.isclose(np.abs(got - want), 1 / n_tokens, rtol=0, atol=atol)
     assert one_flip.sum() <= max(1, len(got) // 100), f"{one_flip.sum()} k90 flips"
     return got[~one_flip], want[~one_flip]
@@ -65,7 +70,8 @@ def assert_attention_equal(got: pa.Table, want: pa.Table, atol: float = STAT_ATO
                            threshold: float | None = None) -> None:
     """Same kept rows with the same weights.
 
-    Batching changes padding, so weights can move by ~1e-7; a (query, key) pair may then only
+    Batching changes padding, so weights can move by ~1e-7 (``ATTENTION_ATOL`` bounds it at
+    1e-5; float16 storage in full mode: ``FLOAT16_ATOL``); a (query, key) pair may then only
     be kept on one side if its weight sits at the edge of what the mode keeps (a top-k tie or
     the threshold). Rows on one side only are accepted if such a near-tie explains them.
     """
@@ -94,24 +100,27 @@ def assert_same_tables(got: dict[str, pa.Table], want: dict[str, pa.Table],
                        mode: str = "topk:8") -> None:
     """Every table of ``want`` equals the one in ``got``.
 
-    documents and tokens exactly; head_stats within 1e-5; attention per
-    ``assert_attention_equal`` (within 1e-3 in full mode, whose weights are float16).
+    documents and tokens exactly (no float columns); head_stats within ``STAT_ATOL``; attention
+    per ``assert_attention_equal`` (within ``FLOAT16_ATOL`` in full mode, whose weights are
+    float16; else ``STAT_ATOL``, which equals ``ATTENTION_ATOL``).
     """
     parsed = AttentionMode.parse(mode)
     for name in ("documents", "tokens"):
         if name in want:
             assert got[name].schema == want[name].schema, name
+            # exact: these tables hold only strings, integers and booleans
             assert frame(got[name], name).equals(frame(want[name], name)), name
     assert_head_stats_equal(got["head_stats"], want["head_stats"])
     assert_attention_equal(got["attention"], want["attention"],
-                           atol=1e-3 if parsed.kind == "full" else STAT_ATOL,
+                           atol=FLOAT16_ATOL if parsed.kind == "full" else STAT_ATOL,
                            threshold=parsed.threshold if parsed.kind == "threshold" else None)
 
 
 def assert_datasets_equal(got: Path, want: Path, atol: float) -> None:
     """Every table of two dataset folders: the same rows after sorting, floats within ``atol``.
 
-    Strings, integers and booleans must be identical; float columns may differ by ``atol``.
+    Strings, integers and booleans must be identical; float columns may differ by ``atol``,
+    which the caller derives from how the two datasets were computed (see ``tolerances``).
     """
     tables = sorted(p.name for p in want.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert tables == sorted(p.name for p in got.iterdir()

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import SAMPLE_TEXTS
+from tolerances import ATTENTION_ATOL
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -35,6 +36,9 @@ from pipelines.models import SUPPORTED_TYPES, resolve
 from pipelines.text.tokenize import Document, Window, Windower
 
 LAYER, HEAD = 1, 2
+#: float32 losses (≈ ln V ≈ 10) and representation distances from another reduction or batch
+#: shape: pairwise sums of n ≤ 100 terms, log2(n)·eps32·10 ≈ 8e-6
+LOSS_ATOL = 1e-5
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -183,6 +187,8 @@ def test_no_disabled_head_is_bit_identical(family: str, bundles, eager_models) -
         masked = run(bundle.model, inputs)
     with disabled_heads(bundle.model, torch.ones(bundle.info.num_layers, bundle.info.num_heads)):
         ones = run(bundle.model, inputs)
+    # bitwise by construction: with no head disabled the masking attention runs the eager
+    # kernels on the same shapes (a mask of ones multiplies by 1.0, which is exact)
     for got in (unmasked, masked, ones):
         assert len(got.attentions) == bundle.info.num_layers
         for a, b in zip(got.attentions, expected.attentions, strict=True):
@@ -204,6 +210,8 @@ def test_disabling_one_head(family: str, bundles) -> None:
         ablated = run(bundle.model, inputs)
     # attentions: [B, H, S, S] per layer; hidden_states[i + 1] is layer i's output
     assert base.attentions[LAYER][:, HEAD].abs().sum() > 0
+    # bitwise: the disabled head is multiplied by 0.0 (exact); every other head and every
+    # earlier layer runs the same kernels on the same inputs and shapes
     assert torch.equal(ablated.attentions[LAYER][:, HEAD],
                        torch.zeros_like(base.attentions[LAYER][:, HEAD]))
     others = [h for h in range(bundle.info.num_heads) if h != HEAD]
@@ -213,6 +221,7 @@ def test_disabling_one_head(family: str, bundles) -> None:
     for index in range(LAYER + 1):
         assert torch.equal(ablated.hidden_states[index], base.hidden_states[index])
     valid = inputs["attention_mask"].bool()  # [B, S]
+    # later layers really change: far beyond allclose's float32 noise (rtol 1e-5, atol 1e-8)
     for index in range(LAYER + 1, bundle.info.num_layers + 1):
         assert not torch.allclose(ablated.hidden_states[index][valid],
                                   base.hidden_states[index][valid])
@@ -245,12 +254,15 @@ def test_matches_zeroed_output_projection(family: str, bundles) -> None:
     with disabled_heads(bundle.model, HeadMask.of((LAYER, HEAD))):
         got = run(bundle.model, inputs)
     valid = inputs["attention_mask"].bool()  # [B, S]
+    # another kernel path (zeroed probabilities vs zeroed projection weights, masking vs eager
+    # attention): float32 layers sum in another order, a few eps32 relative per layer, on
+    # activations |h| ≲ 10 (after LayerNorm) over ≤ 6 layers: ≲ 1e-5
     for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
         torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
     others = [h for h in range(bundle.info.num_heads) if h != HEAD]
     for layer, (a, b) in enumerate(zip(got.attentions, expected.attentions, strict=True)):
         heads = others if layer == LAYER else slice(None)
-        torch.testing.assert_close(a[:, heads], b[:, heads], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[:, heads], b[:, heads], rtol=0, atol=ATTENTION_ATOL)
     if family != "minilm":
         torch.testing.assert_close(got.logits[valid], expected.logits[valid], rtol=0, atol=1e-5)
 
@@ -265,6 +277,8 @@ def test_disabled_heads_needs_the_masking_attention(eager_minilm: torch.nn.Modul
     expected = run(eager_minilm, bundle_inputs)
     with disabled_heads(model, HeadMask.of((0, 3))):
         got = run(model, bundle_inputs)
+    # bitwise: head 3 is multiplied by 0.0; heads 0-2 of layer 0 run the eager kernels on the
+    # same inputs and shapes
     assert torch.equal(got.attentions[0][:, 3], torch.zeros_like(got.attentions[0][:, 3]))
     assert torch.equal(got.attentions[0][:, :3], expected.attentions[0][:, :3])
     with pytest.raises(ValueError, match="shape"), disabled_heads(model, torch.ones(2, 2)):
@@ -293,6 +307,8 @@ def test_every_supported_architecture(model_type: str) -> None:
         same = model(**inputs, output_attentions=True)
     with disabled_heads(model, HeadMask.of((LAYER, 3))):
         ablated = model(**inputs, output_attentions=True)
+    # bitwise by construction: unmasked, the masking attention is the eager one (a ×1.0 mask
+    # is exact), same inputs and shapes; layer 0 precedes the disabled head
     assert torch.equal(same.last_hidden_state, expected.last_hidden_state)
     for a, b in zip(same.attentions, expected.attentions, strict=True):
         assert torch.equal(a, b)
@@ -319,6 +335,8 @@ def test_importance_table_minilm(bundles) -> None:
                                                             (None, None)]
     n_tokens = sum(w.n_tokens for w in windows)
     for r in rows:
+        # exact: the code sets the unablated run against itself to 0.0, and delta is the
+        # same float64 subtraction as here
         assert r["baseline"] == 0.0
         assert r["ablated"] > 0
         assert r["delta"] == r["ablated"] - r["baseline"]
@@ -340,6 +358,7 @@ def test_importance_every_head_gpt2(bundles) -> None:
     assert table.column("disabled").to_pylist() == [f"{lay}.{h}" for lay, h in pairs]
     baseline = table.column("baseline").to_numpy()
     ablated = table.column("ablated").to_numpy()
+    # exact: one baseline pass reused for every row; delta is the same float64 subtraction
     assert np.all(baseline == baseline[0]) and np.isfinite(baseline[0])
     np.testing.assert_array_equal(table.column("delta").to_numpy(), ablated - baseline)
     assert np.any(ablated != baseline)
@@ -354,13 +373,15 @@ def test_lm_loss_baseline_equals_labels_loss(bundles) -> None:
     table = head_importance(bundle, [window], [(0, 0), HeadMask.parse("1.*")], progress=False)
     ids = torch.from_numpy(window.input_ids)[None]  # [1, S]
     expected = bundle.model(input_ids=ids, labels=ids).loss
+    # another reduction than HF's labels loss: float32 cross-entropy ≈ ln V ≈ 10 averaged
+    # pairwise over n ≤ 100 tokens: log2(n)·eps32·10 ≈ 8e-6, so LOSS_ATOL
     for row in table.to_pylist():
-        assert row["baseline"] == pytest.approx(float(expected), abs=1e-5)
+        assert row["baseline"] == pytest.approx(float(expected), abs=LOSS_ATOL)
         assert row["n_tokens"] == window.n_tokens - 1
     whole_layer = table.to_pylist()[1]
     with disabled_heads(bundle.model, HeadMask.parse("1.*")):
         ablated = bundle.model(input_ids=ids, labels=ids).loss
-    assert whole_layer["ablated"] == pytest.approx(float(ablated), abs=1e-5)
+    assert whole_layer["ablated"] == pytest.approx(float(ablated), abs=LOSS_ATOL)
 
 
 @torch.inference_mode()
@@ -387,11 +408,11 @@ def test_mlm_loss(bundles) -> None:
     masked[0, positions] = bundle.tokenizer.mask_token_id
     types = torch.from_numpy(window.type_ids)[None]
     expected = bundle.model(input_ids=masked, token_type_ids=types, labels=labels).loss
-    assert mlm["baseline"] == pytest.approx(float(expected), abs=1e-5)
+    assert mlm["baseline"] == pytest.approx(float(expected), abs=LOSS_ATOL)  # as for lm_loss
     with disabled_heads(bundle.model, HeadMask.of((2, 1))):
         ablated = bundle.model(input_ids=masked, token_type_ids=types, labels=labels).loss
-    assert mlm["ablated"] == pytest.approx(float(ablated), abs=1e-5)
-    assert mlm["delta"] == mlm["ablated"] - mlm["baseline"] != 0
+    assert mlm["ablated"] == pytest.approx(float(ablated), abs=LOSS_ATOL)
+    assert mlm["delta"] == mlm["ablated"] - mlm["baseline"] != 0  # the same float64 subtraction
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -408,9 +429,11 @@ def test_batched_equals_one_window_at_a_time(family: str, bundles) -> None:
     single = head_importance(bundle, windows, heads, seed=3, batch_tokens=1, progress=False)
     assert batched.select(["disabled", "layer", "head", "metric", "n_tokens"]).equals(
         single.select(["disabled", "layer", "head", "metric", "n_tokens"]))
+    # other padding and batch shapes: losses (≈ 10) and representation distances from float32
+    # forward passes, a few eps32 relative per layer, summed pairwise: ≲ LOSS_ATOL
     for name in ("baseline", "ablated", "delta"):
         np.testing.assert_allclose(batched.column(name).to_numpy(),
-                                   single.column(name).to_numpy(), rtol=0, atol=1e-5)
+                                   single.column(name).to_numpy(), rtol=0, atol=LOSS_ATOL)
 
 
 def test_importance_rejects_bad_heads(bundles) -> None:

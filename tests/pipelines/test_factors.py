@@ -76,6 +76,7 @@ def test_training_reports_errors_and_sparsity_per_layer(trained: tuple[Path, dic
     folder, manifest = trained
     atoms = load_file(str(folder / "dictionary.safetensors"))["dictionary"]
     assert tuple(atoms.shape) == (96, 384)
+    # float32 unit atoms of D = 384: the norm rounds by ≤ D·eps32 ≈ 4.6e-5
     np.testing.assert_allclose(atoms.norm(dim=1).numpy(), 1.0, atol=1e-4)
     evaluation = manifest["evaluation"]
     assert manifest["layers"] == list(range(7))
@@ -111,6 +112,12 @@ def test_the_evaluation_equals_a_numpy_recomputation(codes: Path, trained: tuple
             sums["active"][layer] += (alpha > 0).sum()
             sums["rows"][layer] += len(x)
     evaluation = trained[1]["evaluation"]
+    # not the same computation: the job encodes float32 rows of its own batches (codes within
+    # the solver's accuracy, DEFAULT_TOL = 1e-4 of the objective: the relative error within
+    # ~1e-3), this sums float64 from the stored codes and a direct forward pass. The floor
+    # only involves hidden states (float32, other batch shapes, ~1e-6 relative, summed
+    # pairwise: ≲ 3e-6): rel 1e-4. A code near 0 may be active in one run only: mean_active
+    # within 0.01 of a count per row
     for layer in range(7):
         key = str(layer)
         assert evaluation["rows_by_layer"][key] == sums["rows"][layer]
@@ -151,7 +158,10 @@ def test_codes_equal_a_direct_forward_pass(codes: Path, trained: tuple[Path, dic
         slot = {p: i for i, p in enumerate(positions)}
         dense[[slot[p] for p in rows["position"]], rows["factor"].to_numpy(int)] = \
             rows["activation"]
-        np.testing.assert_allclose(dense, want, atol=1e-4, err_msg=f"layer {layer}")
+        # the job coded this window in other (padded, multi-window) float32 batches, so as in
+        # the next test the solver's accuracy bounds it, not rounding: 1e-3 (was 1e-4, below
+        # the 2e-4 of the largest code seen between batch shapes in test_factor_solver)
+        np.testing.assert_allclose(dense, want, rtol=0, atol=1e-3, err_msg=f"layer {layer}")
 
 
 def test_codes_do_not_depend_on_the_forward_batch(codes: Path, trained: tuple[Path, dict],
@@ -182,8 +192,9 @@ def test_top_contexts_are_the_largest_codes(codes: Path) -> None:
             .groupby(["factor", "layer"]).head(TOP).reset_index(drop=True))
     got = top.sort_values(["factor", "layer", "rank"]).reset_index(drop=True)
     keys = ["factor", "layer", "doc_id", "window", "position"]
-    pd.testing.assert_frame_equal(got[keys], want[keys], check_dtype=False)
-    np.testing.assert_allclose(got["activation"], want["activation"])
+    pd.testing.assert_frame_equal(got[keys], want[keys], check_dtype=False)  # no floats
+    # exact: factor_top copies the stored float32 activations it ranks
+    np.testing.assert_array_equal(got["activation"], want["activation"])
     texts = {key: list(group.sort_values("position")["token"])
              for key, group in table(codes, "tokens").groupby(["doc_id", "window"])}
     anchors = list(zip(got["doc_id"], got["window"], got["position"], strict=True))
@@ -203,6 +214,9 @@ def test_profile_is_the_mean_code_per_layer(codes: Path, trained: tuple[Path, di
     sums = activations.groupby(["factor", "layer"])["activation"].agg(["sum", "count"])
     merged = profile.set_index(["factor", "layer"]).join(sums).fillna(0.0)
     per_layer = merged.index.get_level_values("layer").map(lambda x: rows[str(x)])
+    # the profile sums each batch's float32 codes (≥ 0, no cancellation) row by row: ≤ N·eps32
+    # relative for N rows a batch, ~√N·eps32 ≈ 4e-6 in practice; pandas sums in float64:
+    # rtol 1e-5. Shares are integer counts over rows, one float64 division each: 1 ulp
     np.testing.assert_allclose(merged["mean_activation"], merged["sum"] / per_layer, rtol=1e-5)
     np.testing.assert_allclose(merged["active_share"], merged["count"] / per_layer, rtol=1e-9)
     for factor, group in profile.groupby("factor"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXTS
+from tolerances import STAT_ATOL
 
 from pipelines.analysis.patterns import (
     PATTERN_CLASSES,
@@ -23,7 +24,11 @@ from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
 from pipelines.text.tokenize import Document, Window, Windower
 
-TOL = 1e-5
+#: float32 scores vs float64 loops (``reference_scores``) or another padding: row masses are
+#: float32 sums of ≤ n weights (``tolerances.STAT_ATOL``), averaged and divided by the chance
+#: correction mean(1 − inside/visible) ≥ 0.8 at n ≥ 16: ≤ 1.25x that, within its 4-5x margin;
+#: 1e-5 alike for uniform and perfect maps (exact in float64, float32-rounded here)
+TOL = STAT_ATOL
 LENGTHS = (16, 23, 40)
 GARBAGE = 0.37
 
@@ -216,7 +221,9 @@ def test_mixture_share_decides(share: float, name: str, causal: bool) -> None:
     maps = [mixed_map(n, causal, share) for n in LENGTHS]
     assert classes_of(maps, causal) == [name] * len(LENGTHS)
     vertical = scores_of(maps, causal)["vertical"]
-    np.testing.assert_allclose(vertical, share, atol=0.15)  # the vertical part's share
+    # a modelling bound, not rounding: the chance-corrected score only approximates the
+    # vertical part's share (the band and columns overlap, early causal rows see few keys)
+    np.testing.assert_allclose(vertical, share, atol=0.15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +389,8 @@ def test_real_patterns_do_not_depend_on_padding(backend: TorchBackend) -> None:
         for name in ("vertical", "diagonal", "block"):
             np.testing.assert_allclose(together[name][:, b], alone[name][:, 0], atol=TOL,
                                        rtol=0, equal_nan=True, err_msg=name)
+        # classes threshold the scores: equal unless a score sits within its rounding (≲ TOL)
+        # of a class boundary, which these real heads do not
         np.testing.assert_array_equal(together_classes[:, b], alone_classes[:, 0])
         is_pair = window.doc.text_pair is not None
         assert np.isfinite(together["block"][:, b]).all() == is_pair

@@ -23,6 +23,7 @@ import pytest
 import torch
 from compare_tables import assert_datasets_equal
 from conftest import free_port
+from tolerances import ENGINE_ATOL
 
 from pipelines.config import AttentionMode, RunConfig
 from pipelines.jobs.local import run_job
@@ -136,7 +137,7 @@ def test_actors_run_on_both_nodes(cluster: Cluster, corpus: Path, reference: Pat
     runtime = manifest(tmp_path / "out")["runtime"]
     assert set(runtime["shards_by_node"]) == cluster.node_ids()
     assert all(count > 0 for count in runtime["shards_by_node"].values())
-    assert_datasets_equal(tmp_path / "out", reference, atol=1e-6)
+    assert_datasets_equal(tmp_path / "out", reference, atol=ENGINE_ATOL)
 
 
 def test_ray_job_submit(cluster: Cluster, corpus: Path, reference: Path,
@@ -146,7 +147,7 @@ def test_ray_job_submit(cluster: Cluster, corpus: Path, reference: Path,
     run([RAY, "job", "submit", "--address", cluster.dashboard, "--", HEADSCOPE, "run",
          str(corpus), "--out", str(out), "--engine", "ray", *JOB_OPTIONS])
     assert manifest(out)["runtime"]["engine"] == "ray"
-    assert_datasets_equal(out, reference, atol=1e-6)
+    assert_datasets_equal(out, reference, atol=ENGINE_ATOL)
 
 
 def shard_workers() -> list[psutil.Process]:
@@ -173,7 +174,7 @@ def test_an_inference_actor_killed_mid_job(cluster: Cluster, corpus: Path, refer
     code, output = finish(job)
     assert code == 0, output[-3000:]
     assert shards_written(tmp_path / "out") == 68
-    assert_datasets_equal(tmp_path / "out", reference, atol=1e-6)
+    assert_datasets_equal(tmp_path / "out", reference, atol=ENGINE_ATOL)
 
 
 def test_the_driver_killed_mid_job_and_resumed(cluster: Cluster, corpus: Path,
@@ -189,7 +190,7 @@ def test_the_driver_killed_mid_job_and_resumed(cluster: Cluster, corpus: Path,
     code, output = finish(start_job(cluster, corpus, out, "--resume"))
     assert code == 0, output[-3000:]
     assert f"resuming: {written} of 68 shards" in output
-    assert_datasets_equal(out, reference, atol=1e-6)
+    assert_datasets_equal(out, reference, atol=ENGINE_ATOL)
 
 
 def test_a_worker_node_killed_mid_job(cluster: Cluster, corpus: Path, reference: Path,
@@ -203,5 +204,5 @@ def test_a_worker_node_killed_mid_job(cluster: Cluster, corpus: Path, reference:
     if code != 0:  # the documented remedy: resume on what is left of the cluster
         code, output = finish(start_job(cluster, corpus, out, "--resume", "--workers", "1"))
     assert code == 0, output[-3000:]
-    assert_datasets_equal(out, reference, atol=1e-6)
+    assert_datasets_equal(out, reference, atol=ENGINE_ATOL)
     cluster.start_worker()

@@ -13,6 +13,7 @@ import ray
 import torch
 from compare_tables import assert_datasets_equal
 from conftest import SAMPLE_TEXTS
+from tolerances import ENGINE_ATOL
 
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
 from pipelines.jobs.local import run_job
@@ -73,7 +74,7 @@ def manifest(root: Path) -> dict:
 
 
 def test_same_rows_as_the_local_engine(ray_run: Path, local_run: Path) -> None:
-    assert_datasets_equal(ray_run, local_run, atol=1e-6)
+    assert_datasets_equal(ray_run, local_run, atol=ENGINE_ATOL)
 
 
 def test_same_shards_as_the_local_engine(ray_run: Path, local_run: Path) -> None:
@@ -109,7 +110,7 @@ def test_resume_with_either_engine(ray_run: Path, local_run: Path, tmp_path: Pat
         else:
             run_job(corpus, out, CONFIG, resume=True, progress=False)
         assert manifest(out)["runtime"]["engine"] == resume_with
-        assert_datasets_equal(out, local_run, atol=1e-6)
+        assert_datasets_equal(out, local_run, atol=ENGINE_ATOL)
 
 
 @pytest.mark.parametrize(("resources", "options", "expected"), [

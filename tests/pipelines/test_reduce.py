@@ -135,6 +135,7 @@ def test_topk_matches_reference(forward: Forward, k: int) -> None:
         expected_rows += len(order)
         kept_row = got.pop(row)
         assert len(kept_row) == min(k, len(weights)), row
+        # exact: top-k selects stored float32 weights of the same forward pass (no arithmetic)
         np.testing.assert_array_equal([w for w, _ in kept_row], ordered, err_msg=str(row))
         full_order = np.sort(weights)[::-1]
         for rank, (_, key) in enumerate(kept_row):
@@ -174,5 +175,6 @@ def test_topk_with_exact_ties_keeps_k_per_row(k: int) -> None:
         keys = [key for _, key in kept_row]
         assert len(keys) == len(set(keys)) == min(k, n), (b, query)
         assert max(keys) < n
+        # exact: a selection of the same float32 weights
         np.testing.assert_array_equal([w for w, _ in kept_row], np.sort(weights)[::-1][:k])
         assert all(weight == weights[key] for weight, key in kept_row), "weight of another key"

@@ -20,6 +20,11 @@ from pipelines.compute.similarity import CHUNK_CELLS, HeadSimilarity, chunk_shap
 from pipelines.config import WindowConfig
 from pipelines.text.tokenize import Document, Window, Windower
 
+#: float64 sqrt(JSD) per row vs SciPy's (another formula) or another batch shape: the JSD
+#: itself rounds at ~n·eps64·log2(n) ≈ 1e-13 (n ≤ 101 keys), but sqrt turns an absolute error ε
+#: near JSD = 0 into up to √ε ≈ 4e-7: 1e-6. For the model's float32 attention under another
+#: padding, weights move by δ/p ~ 1e-6 relative, and by the triangle inequality of the JS
+#: metric the distance moves by ≤ d(p, p') + d(q, q') ≈ 2·‖δ/√p‖/√(8 ln 2) ≲ 1e-6 too.
 TOL = 1e-6
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +133,7 @@ def test_hand_computed_distance() -> None:
     h_m = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))
     expected = (1.0 + np.sqrt(h_m - 0.5)) / 2
     distance = similarity_of(attn, torch.ones(1, 2, dtype=torch.bool)).distance()
+    # float64, JSDs 1 and 0.31 (far from 0, so sqrt does not amplify): a few eps64
     np.testing.assert_allclose(distance, [[0.0, expected], [expected, 0.0]], atol=1e-12, rtol=0)
 
 
@@ -135,9 +141,12 @@ def test_self_distance_is_zero_and_matrix_symmetric() -> None:
     attn, valid = random_batch([4, 9, 12], seed=3)
     attn[1, :, 2] = attn[0, :, 1]  # head (1, 2) copies head (0, 1)
     distance = similarity_of(attn, valid).distance()
+    # exact by construction: sums are kept for a < b only, mirrored, with a zero diagonal
     assert (np.diag(distance) == 0).all()
     assert (distance == distance.T).all()
     copy, original = 1 * 3 + 2, 0 * 3 + 1
+    # exact by construction: for p = q, m = (p + p)/2 = p exactly, so the two entropy terms
+    # are the same float64 sums and their difference is 0 (clamped at 0 before the sqrt)
     assert distance[copy, original] == 0.0
     others = np.delete(distance[original], [original, copy])
     assert (others > 0.05).all()
@@ -182,6 +191,8 @@ def test_batched_equals_one_window_at_a_time() -> None:
     for b, n in enumerate(valid.sum(-1).tolist()):
         alone.add(attn[:, b : b + 1, :, :n, :n], valid[b : b + 1, :n])  # no padding at all
     assert together.rows == alone.rows
+    # float64, other shapes (padding, chunks): each row's JSD rounds at ~n·eps64 ≈ 1e-14 and
+    # random maps keep JSD ≥ ~0.01, where sqrt's slope 1/(2√JSD) ≤ 5: ≤ 1e-13, so 1e-12
     np.testing.assert_allclose(together.distance(), alone.distance(), atol=1e-12, rtol=0)
 
 
@@ -195,6 +206,7 @@ def test_padding_is_ignored() -> None:
         padded[..., : attn.shape[-1], : attn.shape[-1]] = attn
         valid_padded = torch.nn.functional.pad(valid, (0, extra))
         got = similarity_of(padded, valid_padded).distance()
+        # float64, other padded shapes: as in the test above, ≤ 1e-13 away from JSD = 0
         np.testing.assert_allclose(got, base, atol=1e-12, rtol=0, err_msg=str(extra))
 
 
@@ -217,6 +229,7 @@ def test_every_row_weighs_the_same() -> None:
     short = similarity_of(attn[:, :1], valid[:1])
     long = similarity_of(attn[:, 1:], valid[1:])
     expected = (2 * short.distance() + 6 * long.distance()) / 8
+    # float64 means of 2 and 6 rows, summed in another order: a few eps64 (JSD far from 0)
     np.testing.assert_allclose(both.distance(), expected, atol=1e-12, rtol=0)
     unweighted = (short.distance() + long.distance()) / 2
     assert np.abs(both.distance() - unweighted).max() > 1e-3
@@ -238,7 +251,7 @@ def test_to_table_round_trips(tmp_path: Path) -> None:
     assert table.num_rows == size * size
     pq.write_table(table, tmp_path / "similarity.parquet")
     back = pq.read_table(tmp_path / "similarity.parquet")
-    assert back.equals(table)
+    assert back.equals(table)  # exact: Parquet stores float32 losslessly
 
     columns = {name: back.column(name).to_numpy() for name in back.column_names}
     first = columns["layer_a"].astype(int) * heads + columns["head_a"]
@@ -247,6 +260,7 @@ def test_to_table_round_trips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(second, np.tile(np.arange(size), size))
     rebuilt = np.zeros((size, size), np.float32)
     rebuilt[first, second] = columns["js_distance"]
+    # exact: to_table casts the same float64 distance() to float32
     np.testing.assert_array_equal(rebuilt, sim.distance().astype(np.float32))
     assert (columns["n_rows"] == 13).all()
 
@@ -257,6 +271,8 @@ def test_coordinates_recover_a_planar_layout() -> None:
     got = coordinates(distance, seed=1)
     assert got.shape == (12, 2)
     recovered = np.linalg.norm(got[:, None] - got[None, :], axis=-1)
+    # MDS is an iterative stress minimisation: its accuracy (~1e-3 of distances ~1), not
+    # rounding, bounds this; 1e-2 says "the layout is recovered"
     np.testing.assert_allclose(recovered, distance, atol=1e-2)
 
 
@@ -266,6 +282,7 @@ def test_coordinates_of_heads_are_deterministic(minilm: TorchBackend) -> None:
     heads = minilm.info.num_layers * minilm.info.num_heads
     first = coordinates(distance, seed=3)
     assert first.shape == (heads, 2) and np.isfinite(first).all()
+    # bitwise: the same seed, inputs, shapes and kernels
     np.testing.assert_array_equal(coordinates(distance, seed=3), first)
     assert not np.allclose(coordinates(distance, seed=4), first)
 

@@ -102,7 +102,8 @@ def test_modes_and_local_window_are_per_job(jobs: list[DocumentJob],
     none_job, lw0_job = same_text
     left = batched[none_job]["head_stats"].to_pandas()
     right = batched[lw0_job]["head_stats"].to_pandas()
-    np.testing.assert_allclose(left["entropy"], right["entropy"], atol=STAT_ATOL)
+    # two rows of one padded batch: same inputs, other rows of the same GEMMs; STAT_ATOL
+    np.testing.assert_allclose(left["entropy"], right["entropy"], rtol=0, atol=STAT_ATOL)
     assert not np.allclose(left["mass_window"], right["mass_window"])
 
 
