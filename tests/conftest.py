@@ -91,3 +91,18 @@ SAMPLE_TEXTS = [
     "Transformers read text in parallel: every token attends to every other token "
     "(or, in causal models, to those before it), and the weights say how much.",
 ]
+
+
+TIERS = {"unit": "unit", "integration": "integration", "acceptance": "acceptance"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (the folder it is in); integration and acceptance tests
+    are also ``slow``. ``make test-fast`` runs ``tests/unit -m "not slow"``."""
+    root = Path(__file__).parent
+    for item in items:
+        tier = Path(item.fspath).relative_to(root).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier in ("integration", "acceptance"):
+            item.add_marker(pytest.mark.slow)

@@ -17,7 +17,7 @@ from service.config import (
     read_serve_file,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SERVE_YAML = ROOT / "deploy" / "serve.yaml"
 
 

@@ -1,7 +1,7 @@
 """Transformer factors end to end on MiniLM: train, apply, the tables, the page, the CLI.
 
 The solver itself is checked against scikit-learn and on planted dictionaries in
-``test_factor_solver.py``; here the pipeline around it is checked against plain
+``tests/unit/compute/test_sparse_coding.py``; here the pipeline around it is checked against plain
 recomputations (the model called directly, pandas over the written tables).
 """
 
@@ -160,7 +160,7 @@ def test_codes_equal_a_direct_forward_pass(codes: Path, trained: tuple[Path, dic
             rows["activation"]
         # the job coded this window in other (padded, multi-window) float32 batches, so as in
         # the next test the solver's accuracy bounds it, not rounding: 1e-3 (was 1e-4, below
-        # the 2e-4 of the largest code seen between batch shapes in test_factor_solver)
+        # the 2e-4 of the largest code seen between batch shapes in test_sparse_coding)
         np.testing.assert_allclose(dense, want, rtol=0, atol=1e-3, err_msg=f"layer {layer}")
 
 

@@ -1,6 +1,6 @@
 """``headscope serve`` as a real subprocess with its own local Ray.
 
-(Named test_serve_cli.py, not test_cli.py: tests/pipelines/test_cli.py has that basename and
+(Named test_serve_cli.py, not test_cli.py: tests/integration/test_cli.py has that basename and
 the test folders are not packages.)
 
 The subprocess starts its own Ray cluster (``ray.init`` without an address never joins a
