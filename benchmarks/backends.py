@@ -81,15 +81,20 @@ def best_forward(backends: dict[str, Backend], batches: list[Batch], repeats: in
     return {name: min(values) for name, values in seconds.items()}
 
 
-def operator_shares(backend: OnnxBackend, batches: list[Batch], top: int = 6) -> list[tuple]:
-    """ONNX Runtime's profile of ``batches``: share of kernel time per operator type."""
+def operator_shares(backend: OnnxBackend, batches: list[Batch], work: Path,
+                    top: int = 6) -> list[tuple]:
+    """ONNX Runtime's profile of ``batches``: share of kernel time per operator type.
+
+    The profile is written under ``work`` (the run's temporary folder), never into the current
+    folder, which is ONNX Runtime's default.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.intra_op_num_threads = backend.options.intra_op_threads
     options.log_severity_level = 3
-    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "headscope-ort-profile")
+    options.profile_file_prefix = str(work / "ort-profile")
     session = ort.InferenceSession(str(backend.export.graph), options,  # as the backend's
                                    providers=["CPUExecutionProvider"],
                                    disabled_optimizers=SLOWER_FUSIONS)
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                   f"{forward[name]:.2f} s = {forward[name] / seconds:.0%}, rest {rest:.2f} s)")
         print(f"  onnx / torch = {jobs['torch'] / jobs['onnx']:.2f}x")
     print("\nONNX Runtime kernel time by operator (all batches once):")
-    for op, share in operator_shares(backends["onnx"], batches):
+    for op, share in operator_shares(backends["onnx"], batches, work):
         print(f"  {op:24s} {share:6.1%}")
 
 
