@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.headscope-installed
 
-.PHONY: setup browser serve demo test lint bench clean
+.PHONY: setup browser serve demo test lint bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,18 @@ bench: setup
 	$(BIN)/python benchmarks/factors.py
 	$(BIN)/python benchmarks/factors_demo.py
 	$(BIN)/python benchmarks/serve_load.py
+
+# Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
+# (about 3-4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
+SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver factors \
+                    factors_demo serve_load
+bench-smoke: setup
+	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \
+	  echo "== benchmarks/$$name.py --smoke"; start=$$(date +%s); \
+	  timeout --kill-after=15 240 $(BIN)/python benchmarks/$$name.py --smoke \
+	    || { echo "benchmarks/$$name.py --smoke FAILED"; exit 1; }; \
+	  echo "== benchmarks/$$name.py --smoke: $$(( $$(date +%s) - start )) s"; \
+	done; echo "== bench-smoke: all passed in $$(( $$(date +%s) - total )) s"
 
 clean:
 	rm -rf demo_out .pytest_cache

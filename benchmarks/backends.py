@@ -39,6 +39,8 @@ from pipelines.jobs.demo import paragraphs
 from pipelines.text.tokenize import Windower
 
 MODES = ("none", "topk:8")
+#: --smoke: a tiny input, the same code path (export included)
+SMOKE = {"docs": 8, "repeats": 1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an existing export of minilm (default: export to a temp folder)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (default 0: one per core)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def export(work: Path, given: str | None) -> tuple[Path, float]:
