@@ -58,8 +58,9 @@ SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver fa
 bench-smoke: setup
 	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \
 	  echo "== benchmarks/$$name.py --smoke"; start=$$(date +%s); \
-	  timeout --kill-after=15 240 $(BIN)/python benchmarks/$$name.py --smoke \
-	    || { echo "benchmarks/$$name.py --smoke FAILED"; exit 1; }; \
+	  timeout --kill-after=15 300 $(BIN)/python benchmarks/$$name.py --smoke \
+	    || { rc=$$?; echo "benchmarks/$$name.py --smoke FAILED (exit $$rc; 124: over 300 s)"; \
+	         exit 1; }; \
 	  echo "== benchmarks/$$name.py --smoke: $$(( $$(date +%s) - start )) s"; \
 	done; echo "== bench-smoke: all passed in $$(( $$(date +%s) - total )) s"
 

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 #: --smoke: a tiny input, the same code path (four child processes)
-SMOKE = {"docs": 6, "n_factors": 32, "shard_tokens": 256, "batch_tokens": 256, "scale": 2}
+SMOKE = {"docs": 4, "n_factors": 32, "shard_tokens": 256, "batch_tokens": 256, "scale": 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
