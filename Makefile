@@ -52,7 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/serve_load.py
 
 # Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
-# (about 3-4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
+# (about 4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
 SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver factors \
                     factors_demo serve_load
 bench-smoke: setup
