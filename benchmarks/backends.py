@@ -39,6 +39,8 @@ from pipelines.jobs.export_onnx import export_onnx, graph_inputs
 from pipelines.text.tokenize import Windower
 
 MODES = ("none", "topk:8")
+#: --smoke: a tiny input, the same code path (export included)
+SMOKE = {"docs": 8, "repeats": 1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an existing export of minilm (default: export to a temp folder)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (default 0: one per core)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def export(work: Path, given: str | None) -> tuple[Path, float]:
@@ -81,15 +89,20 @@ def best_forward(backends: dict[str, Backend], batches: list[Batch], repeats: in
     return {name: min(values) for name, values in seconds.items()}
 
 
-def operator_shares(backend: OnnxBackend, batches: list[Batch], top: int = 6) -> list[tuple]:
-    """ONNX Runtime's profile of ``batches``: share of kernel time per operator type."""
+def operator_shares(backend: OnnxBackend, batches: list[Batch], work: Path,
+                    top: int = 6) -> list[tuple]:
+    """ONNX Runtime's profile of ``batches``: share of kernel time per operator type.
+
+    The profile is written under ``work`` (the run's temporary folder), never into the current
+    folder, which is ONNX Runtime's default.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.intra_op_num_threads = backend.options.intra_op_threads
     options.log_severity_level = 3
-    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "headscope-ort-profile")
+    options.profile_file_prefix = str(work / "ort-profile")
     session = ort.InferenceSession(str(backend.export.graph), options,  # as the backend's
                                    providers=["CPUExecutionProvider"],
                                    disabled_optimizers=SLOWER_FUSIONS)
@@ -145,7 +158,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                   f"{forward[name]:.2f} s = {forward[name] / seconds:.0%}, rest {rest:.2f} s)")
         print(f"  onnx / torch = {jobs['torch'] / jobs['onnx']:.2f}x")
     print("\nONNX Runtime kernel time by operator (all batches once):")
-    for op, share in operator_shares(backends["onnx"], batches):
+    for op, share in operator_shares(backends["onnx"], batches, work):
         print(f"  {op:24s} {share:6.1%}")
 
 

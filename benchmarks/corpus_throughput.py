@@ -53,6 +53,8 @@ TARGET_NAIVE_RATIO = 4.0
 TARGET_RSS_SPREAD = 0.15
 FULL = {"docs": 200, "repeats": 2, "naive_docs": 16, "mode_docs": 40}
 QUICK = {"docs": 60, "repeats": 2, "naive_docs": 4, "mode_docs": 10}
+#: --smoke: every section (a)–(e) on a tiny corpus, one round: a check that it runs
+SMOKE = {"docs": 8, "repeats": 1, "naive_docs": 2, "mode_docs": 3, "max_length": 128}
 
 
 # --------------------------------------------------------------------------- corpus
@@ -545,7 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="minilm", help="registry name or local folder")
     parser.add_argument("--docs", type=int, help=f"documents in the corpus (default "
                         f"{FULL['docs']}, --quick {QUICK['docs']}; the whole set has ~940)")
-    parser.add_argument("--quick", action="store_true", help="small smoke run (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="small run (~1 minute)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of every section on a tiny corpus: {SMOKE}")
     parser.add_argument("--repeats", type=int, help="timed rounds of job and forward (default 2)")
     parser.add_argument("--naive-docs", type=int, help="documents for the naive loop")
     parser.add_argument("--mode-docs", type=int, help="documents for the attention-mode sizes")
@@ -559,7 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-child", nargs=2, metavar=("CORPUS", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
+    defaults = SMOKE if args.smoke else QUICK if args.quick else FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -600,8 +604,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rows = evenly_spaced(paragraphs(), args.docs)
     corpus = make_corpus("corpus", rows, work, windower)
     header(args, backend, corpus, load_s)
-    warm = make_corpus("warmup", stratified(corpus, 8) + [rows[int(corpus.doc_tokens().argmax())]],
-                       work, windower)
+    picks, longest = stratified(corpus, 8), rows[int(corpus.doc_tokens().argmax())]
+    # the longest document too, once (a small corpus's quantiles may already hold it)
+    warm = make_corpus("warmup", picks + [longest] * (longest not in picks), work, windower)
     print(f"warm-up: one job + forward on {len(warm.rows)} documents "
           f"({warm_up(backend, warm, config, work):.1f} s, not timed)")
 

@@ -29,6 +29,9 @@ from pipelines.jobs.demo import paragraphs
 from pipelines.jobs.local import JobResult, run_job
 from pipelines.jobs.ray_engine import RayOptions, run_ray_job
 
+#: --smoke: a tiny input, the same code path (local Ray, all three engines)
+SMOKE = {"docs": 8, "files": 2, "repeats": 1, "shard_tokens": 512}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -38,7 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-tokens", type=int, default=4096,
                         help="tokens per shard, the unit of work of an actor (default 4096)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per engine (default 2)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def write_files(work: Path, docs: int, files: int) -> list[Path]:

@@ -23,6 +23,9 @@ from pipelines.jobs.demo import paragraphs
 from pipelines.jobs.factors.hidden import token_rows
 from pipelines.text.tokenize import Document, Windower
 
+#: --smoke: a tiny input, the same code path
+SMOKE = {"paragraphs": 10, "factors": 64, "rows": 256, "sklearn_rows": 32}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -30,14 +33,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=2048, help="rows for FISTA (2048)")
     parser.add_argument("--sklearn-rows", type=int, default=256, help="rows for scikit-learn")
     parser.add_argument("--sparsity", type=float, default=0.1)
-    return parser.parse_args(argv)
+    parser.add_argument("--paragraphs", type=int, default=60,
+                        help="demo paragraphs the rows come from (60)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def problem(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden-state rows [rows, 384] and a dictionary [factors, 384] drawn from them."""
     backend = TorchBackend("minilm", "cpu")
     windower = Windower(backend.tokenizer, backend.info, WindowConfig())
-    windows = [w for row in paragraphs()[:60]
+    windows = [w for row in paragraphs()[:args.paragraphs]
                for w in windower.windows(Document(row["id"], row["text"]))]
     rows = torch.cat([r.vectors for r in token_rows(backend, windows, tuple(range(7)), 8192)])
     generator = torch.Generator().manual_seed(0)

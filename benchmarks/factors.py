@@ -30,6 +30,10 @@ from pipelines.jobs.demo import paragraphs
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: --smoke: a tiny input, the same code path (four child processes)
+SMOKE = {"docs": 4, "n_factors": 32, "shard_tokens": 256, "batch_tokens": 256, "scale": 2}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=150, help="documents in the 1× corpus")
@@ -45,7 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train on the first corpus only (for apply's dictionary)")
     parser.add_argument("--child", nargs=4, metavar=("STEP", "CORPUS", "OUT", "DICT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
     args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     if args.scale < 2:
         parser.error("--scale must be at least 2")
     return args

@@ -20,13 +20,23 @@ from pipelines.jobs.factors.train import FactorConfig, train_factors
 VARIANTS = {"signed atoms": False, "atoms ≥ 0": True}
 
 
+#: --smoke: a tiny input, the same code path
+SMOKE = {"docs": 8, "n_factors": 32}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=None, help="first N paragraphs (all 940)")
     parser.add_argument("--n-factors", type=int, default=512, help="dictionary size (512)")
     parser.add_argument("--sparsity", type=float, default=0.1, help="λ (default 0.1)")
     parser.add_argument("--model", default="minilm", help="registry name or folder (minilm)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke sizes become the defaults; options given still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 def train(corpus: Path, out: Path, args: argparse.Namespace, nonneg_dict: bool) -> dict:

@@ -32,6 +32,9 @@ import numpy as np
 TARGET_RATIO = 2.0
 FULL = {"seconds": 20.0, "warmup": 3.0}
 QUICK = {"seconds": 6.0, "warmup": 2.0}
+#: --smoke: a few seconds of light load per mode, a check that the whole path works; it
+#: fails (exit 1) when no request got a 200 or any error other than 503 happened
+SMOKE = {"seconds": 2.0, "warmup": 1.0, "clients": 4}
 MAX_TEXT_CHARS = 200
 NO_TOKEN_ENV = "HEADSCOPE_BENCH_TOKEN_THAT_IS_NEVER_SET"
 LOG_CAP = 1000  # ModelWorker.batch_size_log keeps the last 1000 batches
@@ -284,13 +287,16 @@ def report(results: list[ModeResult], clients: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    parser.add_argument("--clients", type=int, default=None,
+                        help=f"concurrent clients (default 32, --smoke {SMOKE['clients']})")
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"measured seconds per mode (default {FULL['seconds']:.0f}, "
                              f"--quick {QUICK['seconds']:.0f})")
     parser.add_argument("--warmup", type=float, default=None,
                         help="unmeasured seconds of the same load before each mode")
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--quick", action="store_true", help="short run")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"quick check with a few seconds of load: {SMOKE}")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="max_batch_size of the batched mode")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.02,
@@ -307,7 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queued-requests", type=int, default=-1,
                         help="on the worker and the ingress; -1: unbounded")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = SMOKE if args.smoke else QUICK if args.quick else FULL
+    args.clients = args.clients if args.clients is not None else preset.get("clients", 32)
     args.seconds = args.seconds if args.seconds is not None else preset["seconds"]
     args.warmup = args.warmup if args.warmup is not None else preset["warmup"]
     return args
@@ -342,11 +349,17 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_mode(args, base_url, size, texts, work / "data")
                    for size in (args.batch_size, 1)]
         report(results, args.clients)
+        failed = args.smoke and (sum(r.load.ok for r in results) == 0 or any(
+            s not in (200, 503) for r in results for s in r.load.statuses)
+            or any(r.load.errors for r in results))
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if failed:
+        print("smoke run FAILED: no 200 response, or errors other than 503", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+import pipelines
 from service.config import ServiceConfig, read_serve_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,8 +130,8 @@ def test_values_and_schema_agree(chart: helm.Chart) -> None:
 def test_versions_agree() -> None:
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2"
-    project = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    assert meta["appVersion"] == project.group(1), "the image tag defaults to appVersion"
+    # the project's version is written once, in pipelines/__init__.py (pyproject reads it)
+    assert meta["appVersion"] == pipelines.__version__, "the image tag defaults to appVersion"
     assert GPU_VALUES["image"]["tag"] == f"{meta['appVersion']}-gpu"
 
 
