@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.headscope-installed
 
-.PHONY: setup browser serve demo test lint bench bench-smoke clean
+.PHONY: setup browser serve demo test test-fast lint bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -34,12 +34,20 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
-	$(BIN)/ruff check pipelines service tests benchmarks
+# The whole suite: lint first (ruff, import contracts, mypy), then unit, integration and
+# acceptance tests.
+test: lint browser
 	$(BIN)/python -m pytest -q
 
+# Unit tests only (tests/unit, not marked slow): no Ray, HTTP server or browser.
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
+
+# ruff; import direction (.importlinter); types of pipelines/ and service/ (mypy.ini)
 lint: setup
 	$(BIN)/ruff check pipelines service tests benchmarks
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/corpus_throughput.py

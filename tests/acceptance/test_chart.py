@@ -130,7 +130,7 @@ def test_values_and_schema_agree(chart: helm.Chart) -> None:
 def test_versions_agree() -> None:
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2"
-    # the project's version is written once, in pipelines/__init__.py (pyproject reads it)
+    # the project's version is written once, in pipelines/version.py (pyproject reads it)
     assert meta["appVersion"] == pipelines.__version__, "the image tag defaults to appVersion"
     assert GPU_VALUES["image"]["tag"] == f"{meta['appVersion']}-gpu"
 
