@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +22,7 @@ def subcommands(command: list[str]) -> set[str]:
     return set(choices.group(1).split(","))
 
 
+@pytest.mark.slow  # a model run per window: left out of make test-fast
 def test_both_entry_points_list_the_same_subcommands_serve_included() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["headscope"] == "pipelines.cli:main"

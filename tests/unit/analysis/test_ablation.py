@@ -415,6 +415,7 @@ def test_mlm_loss(bundles) -> None:
     assert mlm["delta"] == mlm["ablated"] - mlm["baseline"] != 0  # the same float64 subtraction
 
 
+@pytest.mark.slow  # a model run per window: left out of make test-fast
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_equals_one_window_at_a_time(family: str, bundles) -> None:
     bundle = bundles[family]

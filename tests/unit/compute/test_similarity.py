@@ -210,6 +210,7 @@ def test_padding_is_ignored() -> None:
         np.testing.assert_allclose(got, base, atol=1e-12, rtol=0, err_msg=str(extra))
 
 
+@pytest.mark.slow  # a model run per window: left out of make test-fast
 def test_real_padding_does_not_matter(backend: TorchBackend) -> None:
     """Forward passes alone and in a padded batch agree up to the model's float noise."""
     short = make_windows(backend, sample_docs())
