@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from corpus_throughput import evenly_spaced, make_corpus, timed_job
+from smoke import parse_args_with_smoke
 
 from pipelines.analysis.importance import head_importance
 from pipelines.backends.head_mask import HeadMask
@@ -43,12 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "attention also keeps)")
     parser.add_argument("--ablation-docs", type=int, default=20,
                         help="documents for the ablation timing (default 20)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     return args
 
 

@@ -28,6 +28,7 @@ from corpus_throughput import (
     timed_forward,
     timed_job,
 )
+from smoke import parse_args_with_smoke
 
 from pipelines.backends import Backend
 from pipelines.backends.batching import Batch
@@ -51,12 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an existing export of minilm (default: export to a temp folder)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (default 0: one per core)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     return args
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 import torch
 from corpus_throughput import evenly_spaced
+from smoke import parse_args_with_smoke
 
 from pipelines.config import AttentionMode, RunConfig
 from pipelines.jobs.demo import paragraphs
@@ -41,12 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-tokens", type=int, default=4096,
                         help="tokens per shard, the unit of work of an actor (default 4096)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds per engine (default 2)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     return args
 
 

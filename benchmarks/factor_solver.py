@@ -15,6 +15,7 @@ import time
 
 import torch
 from sklearn.decomposition import sparse_encode
+from smoke import parse_args_with_smoke
 
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode, objective
@@ -35,12 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=0.1)
     parser.add_argument("--paragraphs", type=int, default=60,
                         help="demo paragraphs the rows come from (60)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     return args
 
 

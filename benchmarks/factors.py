@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from corpus_throughput import _memory_kb, _reset_peak, print_allocator_settings
+from smoke import parse_args_with_smoke
 
 from pipelines.jobs.demo import paragraphs
 
@@ -49,12 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train on the first corpus only (for apply's dictionary)")
     parser.add_argument("--child", nargs=4, metavar=("STEP", "CORPUS", "OUT", "DICT"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     if args.scale < 2:
         parser.error("--scale must be at least 2")
     return args

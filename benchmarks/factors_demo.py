@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smoke import parse_args_with_smoke
+
 from pipelines.jobs.demo import write_corpus
 from pipelines.jobs.factors.train import FactorConfig, train_factors
 
@@ -30,12 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-factors", type=int, default=512, help="dictionary size (512)")
     parser.add_argument("--sparsity", type=float, default=0.1, help="λ (default 0.1)")
     parser.add_argument("--model", default="minilm", help="registry name or folder (minilm)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"quick check of the same code path on a tiny input: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke sizes become the defaults; options given still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    args = parse_args_with_smoke(parser, argv, SMOKE)
     return args
 
 
