@@ -28,8 +28,10 @@ class AttentionMode:
     @classmethod
     def parse(cls, text: str) -> AttentionMode:
         name, _, arg = text.strip().partition(":")
-        if name in ("none", "full") and not arg:
-            return cls(name)
+        if name == "none" and not arg:
+            return cls("none")
+        if name == "full" and not arg:
+            return cls("full")
         if name == "topk":
             if not (arg.isascii() and arg.isdecimal()) or int(arg) < 1:
                 raise ConfigError(

@@ -18,7 +18,7 @@ import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +49,6 @@ from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription, Vi
 from service.worker import DocumentJob, ModelWorker
 
 log = logging.getLogger(__name__)
-RequestModel = TypeVar("RequestModel", AttentionRequest, ViewRequest)
 OPEN_ROUTES = {"/healthz", "/readyz"}
 
 
@@ -144,8 +143,18 @@ async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.details, exc.headers)
 
 
-async def parse_request(request: Request, model: type[RequestModel] = AttentionRequest
-                        ) -> RequestModel:
+@overload
+async def parse_request(request: Request, model: type[AttentionRequest] = ...
+                        ) -> AttentionRequest: ...
+
+
+@overload
+async def parse_request(request: Request, model: type[ViewRequest]) -> ViewRequest: ...
+
+
+async def parse_request(request: Request,
+                        model: type[AttentionRequest | ViewRequest] = AttentionRequest
+                        ) -> AttentionRequest | ViewRequest:
     """Body → a request model: 400 for bytes/JSON problems, 422 for invalid fields."""
     body = await request.body()
     try:
@@ -243,8 +252,10 @@ class Ingress:
         for name in self.workers:
             state = await self._model(name)
             info = state.info
+            configured = self.config.model(name)
+            assert configured is not None  # the workers are the configured models
             out.append(ModelDescription(
-                name=name, model=self.config.model(name).model, family=info.family,
+                name=name, model=configured.model, family=info.family,
                 model_type=info.model_type, num_layers=info.num_layers,
                 num_heads=info.num_heads, max_length=info.max_length,
                 config_hash=info.config_hash, runtime=state.runtime))
@@ -411,9 +422,11 @@ def build(args: dict) -> serve.Application:
             options["autoscaling_config"] = model.autoscaling.model_dump()
         else:
             options["num_replicas"] = model.num_replicas
-        workers[model.name] = ModelWorker.options(**options).bind(model, config.plugins)
+        # @serve.deployment makes the class a Deployment; its stub keeps the class type
+        workers[model.name] = ModelWorker.options(  # type: ignore[attr-defined]
+            **options).bind(model, config.plugins)
     ingress = config.ingress
-    return Ingress.options(
+    return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
         ray_actor_options={"num_cpus": ingress.num_cpus},
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,

@@ -28,7 +28,7 @@ from pipelines.text.tokenize import Window
 from service.config import ModelConfig
 
 log = logging.getLogger(__name__)
-BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+BATCH_SIZE_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 @dataclass
@@ -98,8 +98,11 @@ class ModelWorker:
         self.config = config
         self.backend = create_backend(config.backend, config.model, config.device, config.dtype,
                                       onnx=OnnxOptions(**config.onnx.model_dump()))
-        self.analyse.set_max_batch_size(config.max_batch_size)
-        self.analyse.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # @serve.batch adds these setters; its stub types the method as a plain coroutine
+        self.analyse.set_max_batch_size(  # type: ignore[attr-defined]
+            config.max_batch_size)
+        self.analyse.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            config.batch_wait_timeout_s)
         self.tags = {"model": config.name}
         self.documents = Counter("headscope_documents", "documents analysed", tag_keys=("model",))
         self.tokens = Counter("headscope_tokens", "tokens analysed", tag_keys=("model",))

@@ -118,16 +118,21 @@ def _measure(bundle: AblationModel, prepared: list[_Prepared],
                                    reduction="sum")
             sums["lm_loss"] += float(loss)
             counts["lm_loss"] += int(predicted.sum())
-        if bundle.objective == "mlm_loss" and item.mlm_rows.numel():
-            logits = model(**item.mlm_inputs).logits  # [B, S, V]
-            picked = logits[item.mlm_rows, item.mlm_cols].float()  # [N, V]
-            loss = F.cross_entropy(picked, item.mlm_labels, reduction="sum")
-            sums["mlm_loss"] += float(loss)
-            counts["mlm_loss"] += int(item.mlm_rows.numel())
+        if bundle.objective == "mlm_loss":
+            # _prepare fills the masked inputs for the mlm objective
+            assert item.mlm_inputs is not None and item.mlm_rows is not None
+            assert item.mlm_cols is not None and item.mlm_labels is not None
+            if item.mlm_rows.numel():
+                logits = model(**item.mlm_inputs).logits  # [B, S, V]
+                picked = logits[item.mlm_rows, item.mlm_cols].float()  # [N, V]
+                loss = F.cross_entropy(picked, item.mlm_labels, reduction="sum")
+                sums["mlm_loss"] += float(loss)
+                counts["mlm_loss"] += int(item.mlm_rows.numel())
         if "representation_l2" in sums:
             hidden = model.base_model(**item.inputs).last_hidden_state.float()  # [B, S, D]
             if baseline:
                 item.baseline_hidden = hidden
+            assert item.baseline_hidden is not None  # the baseline pass runs first
             cosine = F.cosine_similarity(hidden, item.baseline_hidden, dim=-1)  # [B, S]
             distance = (hidden - item.baseline_hidden).norm(dim=-1)  # [B, S]
             n_valid = int(item.valid.sum())

@@ -42,7 +42,8 @@ def patterns_table(context: BatchContext,
     scores = pattern_scores(context.attn, batch.valid, batch.segment,
                             context.info.causal)  # each [L, B, H]
     codes = classify(scores, thresholds)  # [L, B, H]
-    columns = per_head_columns(batch.windows, tuple(codes.shape))
+    layers, size, heads = codes.shape
+    columns = per_head_columns(batch.windows, (layers, size, heads))
     names = pa.array(PATTERN_CLASSES)
     columns["pattern"] = names.take(pa.array(codes.permute(1, 0, 2).cpu().numpy().ravel()
                                              .astype(np.int64)))

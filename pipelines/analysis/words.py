@@ -71,7 +71,7 @@ def words_table(windows: list[Window]) -> pa.Table:
             rows["word"].append(index)
             rows["token_start"].append(start)
             rows["token_end"].append(end)
-            rows["text"].append(_surface(window, start, end))
+            rows["text"].append(_surface(window, int(start), int(end)))
             rows["segment"].append(window.segment[start])
             rows["is_special"].append(bool(window.is_special[start]))
     return pa.table(rows, schema=WORDS)
@@ -102,6 +102,7 @@ def word_attention_table(context: BatchContext) -> tuple[pa.Table, np.ndarray]:
     word_attn, word_valid = word_attention(attn, index)  # [L, B, H, W, W], [B, W]
     order = row_order(word_attn, mode.k if mode.kind == "topk" else None)
     kept = kept_weights(word_attn, word_valid, context.info.causal, mode, order.kth_largest)
+    assert kept is not None  # only the "none" mode keeps nothing
     columns = {**key_columns(batch.windows, kept["batch_index"]), "layer": kept["layer"],
                "head": kept["head"], "query_word": kept["query"], "key_word": kept["key"],
                "weight": kept["weight"]}

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from pipelines.text.tokenize import Window
@@ -74,7 +75,7 @@ def collate(windows: list[Window], pad_token_id: int) -> Batch:
     """Pad windows on the right into one Batch (CPU tensors)."""
     size, longest = len(windows), max(w.n_tokens for w in windows)
 
-    def padded(name: str, dtype: np.dtype, fill: int | bool) -> torch.Tensor:
+    def padded(name: str, dtype: npt.DTypeLike, fill: int | bool) -> torch.Tensor:
         out = np.full((size, longest), fill, dtype=dtype)
         for row, window in enumerate(windows):
             values = getattr(window, name)

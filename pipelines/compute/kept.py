@@ -62,12 +62,12 @@ def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: At
     index = keep.permute(1, 0, 2, 3, 4).nonzero()  # [N, 5]: batch, layer, head, query, key
     layer_first = index[:, [1, 0, 2, 3, 4]]
     weights = attn[layer_first.unbind(-1)]
-    index = index.cpu().numpy()
+    rows = index.cpu().numpy()
     return {  # rows in (batch, layer, head, query, key) order
-        "batch_index": index[:, 0],
-        "layer": index[:, 1].astype(np.uint8),
-        "head": index[:, 2].astype(np.uint8),
-        "query": index[:, 3].astype(np.uint16),
-        "key": index[:, 4].astype(np.uint16),
+        "batch_index": rows[:, 0],
+        "layer": rows[:, 1].astype(np.uint8),
+        "head": rows[:, 2].astype(np.uint8),
+        "query": rows[:, 3].astype(np.uint16),
+        "key": rows[:, 4].astype(np.uint16),
         "weight": weights.cpu().numpy().astype(np.float16 if mode.kind == "full" else np.float32),
     }

@@ -11,6 +11,7 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ class Dataset:
     root: Path
 
     @classmethod
-    def open(cls, root: str | Path) -> Dataset:
+    def open(cls, root: str | Path) -> Self:
         root = Path(root)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not a headscope dataset (no manifest.json)")

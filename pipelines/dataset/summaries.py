@@ -83,6 +83,7 @@ def stats_summary(head_stats_dir: Path) -> pa.Table:
         if shape is None:
             shape = (int(layer.max()) + 1, int(head.max()) + 1)
             windows, tokens = np.zeros(shape), np.zeros(shape)
+        assert windows is not None and tokens is not None  # allocated with shape
         np.add.at(windows, (layer, head), 1)
         np.add.at(tokens, (layer, head), table["n_tokens"].to_numpy().astype(np.float64))
         for name in STAT_NAMES:
@@ -93,6 +94,7 @@ def stats_summary(head_stats_dir: Path) -> pa.Table:
                 np.add.at(store[name], (layer[present], head[present]), data[present])
     if shape is None:
         return schema.HEAD_SUMMARY.empty_table()
+    assert windows is not None and tokens is not None  # allocated with shape
     layer, head = (a.ravel() for a in np.meshgrid(np.arange(shape[0]), np.arange(shape[1]),
                                                   indexing="ij"))
     columns: dict[str, object] = {"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),

@@ -121,6 +121,7 @@ def _export(module: _AttentionGraph, example: tuple[torch.Tensor, ...], path: Pa
             module, example, input_names=module.names.inputs,
             output_names=module.names.attentions + module.names.hidden_states,
             dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False)
+        assert program is not None  # the dynamo exporter returns its ONNXProgram
         graph = program.model
         counts = {"erf_gelu": fuse_erfgelu(graph), "bias_gelu": fuse_bias_gelu(graph)}
     onnx_ir.save(graph, path, external_data=WEIGHTS_FILE)

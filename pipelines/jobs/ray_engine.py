@@ -177,8 +177,10 @@ def _pipeline(units: list[ReadUnit], columns: Columns, windower: Windower,
     rows = [{"unit": pickle.dumps(unit)} for unit in units]
     units_ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     shards_ds = units_ds.flat_map(
-        read_unit, fn_kwargs={"columns": columns, "windower": windower,
-                              "shard_tokens": config.shard_tokens, "finished": finished},
+        # flat_map's stub takes a one-argument function; fn_kwargs supplies read_unit's others
+        read_unit,  # type: ignore[arg-type]
+        fn_kwargs={"columns": columns, "windower": windower,
+                   "shard_tokens": config.shard_tokens, "finished": finished},
         num_cpus=READ_CPUS)
     return shards_ds.map_batches(
         ShardWorker, fn_constructor_kwargs={"config": config, "out": str(out),

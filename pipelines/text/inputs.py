@@ -95,6 +95,7 @@ def _text(value: object, path: Path, line: int, name: str, required: bool) -> st
 
 def _record(row: dict, path: Path, line: int, columns: Columns) -> Document:
     text = _text(row.get(columns.text), path, line, columns.text, True)
+    assert text is not None  # a required field is a string or an InputError
     pair = _text(row.get(columns.text_pair), path, line, columns.text_pair, False)
     raw_id = row.get(columns.id)
     doc_id = str(raw_id) if raw_id not in (None, "") else f"{path.name}:{line}"

@@ -99,7 +99,7 @@ def _document_windows(ds: Dataset, doc_id: str, window: int | None) -> list[dict
 def _read(root: Path, table: str, doc_id: str, window: int | None,
           columns: list[str] | None) -> pa.Table:
     """Rows of one document (optionally one window), filtered inside the Parquet scan."""
-    filters = [("doc_id", "==", doc_id)]
+    filters: list[tuple[str, str, str | int]] = [("doc_id", "==", doc_id)]
     if window is not None:
         filters.append(("window", "==", window))
     return pq.read_table(root / table, filters=filters, columns=columns)

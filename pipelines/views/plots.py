@@ -21,6 +21,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
 import numpy as np
@@ -30,12 +31,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from pipelines.compute.patterns import PATTERN_CLASSES
 from pipelines.compute.stats import DEFINITIONS
 from pipelines.dataset.reader import Dataset
 from pipelines.dataset.summaries import pattern_shares
 from pipelines.dataset.writer import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 KINDS = ("heatmap", "patterns", "layers")
 SUFFIXES = (".png", ".svg")
@@ -50,8 +55,8 @@ MISSING_COLOUR = "#e6e6e6"
 UNITS = {"entropy": "nats", "entropy_norm": "share of ln k, 0–1", "max_weight": "weight, 0–1",
          "mean_distance": "tokens", "k90": "keys", "n_tokens": "tokens"}
 #: Matplotlib settings for every figure: a fixed pixel size and text that stays text in SVG.
-STYLE = {"savefig.bbox": "standard", "svg.fonttype": "none", "svg.hashsalt": "headscope",
-         "font.size": 9}
+STYLE: dict[RcKeyType, Any] = {"savefig.bbox": "standard", "svg.fonttype": "none",
+                               "svg.hashsalt": "headscope", "font.size": 9}
 
 
 class PlotError(ValueError):
@@ -167,7 +172,7 @@ def _pattern_matrix(heads: Heads) -> tuple[np.ndarray, np.ndarray]:
     best = np.argmax(np.nan_to_num(shares, nan=-1.0), axis=1)
     names = np.array(list(columns), dtype=object)[best]
     top = shares[np.arange(len(shares)), best]
-    return (heads.grid(np.where(known, names, None).astype(object), fill=None),
+    return (heads.grid(np.where(known, names, np.array(None)).astype(object), fill=None),
             heads.grid(np.where(known, top, np.nan)))
 
 
@@ -218,7 +223,8 @@ def _grid_figure(heads: Heads, extra_height: float = 0.0) -> tuple[Figure, Axes]
         if count <= 24:
             axis.set_ticks(range(count))
         else:
-            axis.get_major_locator().set_params(integer=True)
+            # a new axis's default locator is an AutoLocator, a MaxNLocator
+            cast(MaxNLocator, axis.get_major_locator()).set_params(integer=True)
     return figure, ax
 
 
@@ -247,10 +253,11 @@ def _number(value: float) -> str:
 
 
 @matplotlib.rc_context(STYLE)
-def heatmap_figure(dataset: Dataset | str | Path, stat: str) -> Figure:
+def heatmap_figure(dataset: Dataset | str | Path, stat: str | None) -> Figure:
     """Layer × head grid of the statistic's corpus mean, with a colour bar."""
     heads = Heads.load(dataset)
-    matrix = heads.grid(heads.summary[f"{heads.check_stat(stat)}_mean"].astype(np.float64))
+    stat = heads.check_stat(stat)
+    matrix = heads.grid(heads.summary[f"{stat}_mean"].astype(np.float64))
     figure, ax = _grid_figure(heads)
     cmap = matplotlib.colormaps[CMAP].with_extremes(bad=MISSING_COLOUR)
     mesh = ax.pcolormesh(*_edges(heads), np.ma.masked_invalid(matrix), cmap=cmap)
@@ -305,10 +312,11 @@ def patterns_figure(dataset: Dataset | str | Path) -> Figure:
 
 
 @matplotlib.rc_context(STYLE)
-def layers_figure(dataset: Dataset | str | Path, stat: str) -> Figure:
+def layers_figure(dataset: Dataset | str | Path, stat: str | None) -> Figure:
     """Per layer: a box of the statistic over all windows and heads, a dot per head's mean."""
     heads = Heads.load(dataset)
-    frame = _layer_values(heads, heads.check_stat(stat))
+    stat = heads.check_stat(stat)
+    frame = _layer_values(heads, stat)
     layers = sorted(frame["layer"].unique())
     figure = _new_figure(float(np.clip(1.5 + 0.55 * len(layers), 6.0, 16.0)), 4.6)
     ax = figure.add_subplot()

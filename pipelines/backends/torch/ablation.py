@@ -68,14 +68,17 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
     tokenizer = models.load_fast_tokenizer(name, source, common)
     options = {"attn_implementation": HEAD_MASK_ATTENTION, "dtype": torch_dtype, **common}
     causal = config.model_type in models.CAUSAL_TYPES
+    objective: str | None
     head_class, objective = ((AutoModelForCausalLM, "lm_loss") if causal
                              else (AutoModelForMaskedLM, "mlm_loss"))
+    model: PreTrainedModel | None = None
     if objective == "mlm_loss" and tokenizer.mask_token_id is None:
-        model, missing = None, ["(the tokenizer has no mask token)"]
+        missing = ["(the tokenizer has no mask token)"]
     else:
         with _quiet_transformers():
-            model, loading = head_class.from_pretrained(source, output_loading_info=True,
-                                                        **options)
+            # output_loading_info=True returns (model, info); the stubs give the model alone
+            model, loading = head_class.from_pretrained(  # type: ignore[misc]
+                source, output_loading_info=True, **options)
         prefix = f"{model.base_model_prefix}."
         missing = [key for key in loading["missing_keys"] if not key.startswith(prefix)]
     if missing:
@@ -85,6 +88,7 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
                     objective.removesuffix("_loss").upper(), shown)
         model = AutoModel.from_pretrained(source, **options)
         objective = None
+    assert model is not None  # loaded with its head, or without it when the head is missing
     model.eval().to(torch_device)
     info = models.describe_torch(name, source, config, tokenizer, model)
     log.info("loaded %s for head ablation (%s, objective %s) on %s", name,

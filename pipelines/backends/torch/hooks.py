@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -72,7 +73,9 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     ``head_mask``), and leaves kept heads bit-identical.
     """
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's optional eager variant
-        context, probs = module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        upcast = cast(Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                      module._upcast_and_reordered_attn)  # nn.Module.__getattr__ is untyped
+        context, probs = upcast(query, key, value, attention_mask)
     else:
         context, probs = _eager_attention(module)(module, query, key, value, attention_mask,
                                                   **kwargs)
