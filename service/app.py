@@ -30,14 +30,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.analysis import batch as stages
 from pipelines.analysis import registry
+from pipelines.analysis.batch import sort_tables, text_tables
 from pipelines.backends.base import Capability
 from pipelines.backends.head_mask import HeadMask
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import AttentionMode, ConfigError, WindowConfig
 from pipelines.dataset import manifest as manifests
 from pipelines.dataset import schema
+from pipelines.dataset.tables import concat
 from pipelines.dataset.writer import append_parts
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.text.tokenize import Document, Window, Windower
@@ -275,10 +276,10 @@ class Ingress:
                             body.disable_heads) for doc_windows in windows]
         results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
-        text = stages.text_tables(flat, analyses)
+        text = text_tables(flat, analyses)
         # documents and tokens, the model's tables, then the analyses' text tables (as before)
-        tables = stages.sort_tables({**{name: text[name] for name in ("documents", "tokens")},
-                                     **stages.concat(results),
+        tables = sort_tables({**{name: text[name] for name in ("documents", "tokens")},
+                                     **concat(results),
                                      **{n: t for n, t in text.items()
                                         if n not in ("documents", "tokens")}})
         if body.store:
@@ -313,7 +314,7 @@ class Ingress:
         job = DocumentJob(windows, body.attention, local_window=2,
                           capture_qk=can_capture if body.qk is None else body.qk)
         (tables,) = await self._analyse(state, [job])
-        text = stages.text_tables(windows, ())
+        text = text_tables(windows, ())
         model = {**dataclasses.asdict(state.info), "name": body.model or self.config.default_model}
         payload = build_payload(model, body.attention, body.id,
                                 text["documents"].to_pylist(), text["tokens"],

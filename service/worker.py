@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from pipelines.analysis import batch as stages
 from pipelines.analysis import registry
+from pipelines.analysis.batch import model_tables
 from pipelines.backends import Backend, create_backend
 from pipelines.backends.base import Capability, require
 from pipelines.backends.head_mask import HeadMask
@@ -83,7 +83,7 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
                            batch_tokens=batch_tokens, analyses=analyses, capture_qk=qk)
         windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
         with disabled_heads(backend, disable_heads):
-            tables = stages.model_tables(backend, windows, config)
+            tables = model_tables(backend, windows, config)
         for i in members:
             results[i] = _split(tables, str(i), jobs[i].windows[0].doc.doc_id)
     return [r for r in results if r is not None]

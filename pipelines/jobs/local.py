@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipelines.analysis import batch as stages
 from pipelines.analysis import registry
+from pipelines.analysis.batch import analyse_windows, check_capture
 from pipelines.backends import Backend, create_backend
 from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import RunConfig
@@ -143,7 +143,7 @@ def shard_tables(backend: Backend, shard: Shard, config: RunConfig,
     states = {analysis.name: analysis.shard_state(backend.info, config, shard)
               for analysis in registry.selected(config.analyses)
               if analysis.shard_state is not None}
-    tables = stages.analyse_windows(backend, shard.windows, config, on_batch=on_batch,
+    tables = analyse_windows(backend, shard.windows, config, on_batch=on_batch,
                                     states=states)
     for state in states.values():
         tables.update(state.tables())
@@ -165,7 +165,7 @@ class Prepared:
 def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
             config: RunConfig, columns: Columns, resume: bool, overwrite: bool) -> Prepared:
     """Validate the inputs, survey them, and open the output folder with its manifest."""
-    stages.check_capture(backend, config)
+    check_capture(backend, config)
     files = expand(inputs)
     summary = validate(files, columns)
     windower = Windower(backend.tokenizer, backend.info, config.windows)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_TEXTS
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import model_tables, sort_tables
 from pipelines.analysis.patterns import PATTERN_CLASSES
 from pipelines.analysis.registry import parse_analyses
 from pipelines.analysis.similarity import PARTS
@@ -24,6 +24,7 @@ from pipelines.compute.similarity import HeadSimilarity
 from pipelines.config import ConfigError, RunConfig, WindowConfig
 from pipelines.dataset import schema
 from pipelines.dataset.reader import Dataset
+from pipelines.dataset.tables import concat
 from pipelines.jobs.local import run_job
 from pipelines.text.tokenize import Document, Windower
 
@@ -149,9 +150,9 @@ def test_resume_with_analyses_gives_the_same_tables(minilm: TorchBackend, analys
 def test_patterns_are_stable_under_batching(minilm: TorchBackend) -> None:
     windows = all_windows(minilm)
     run = RunConfig(analyses=("patterns",))
-    batched = stages.model_tables(minilm, windows, run)["head_patterns"]
-    single = stages.sort_tables({"head_patterns": stages.concat(
-        stages.model_tables(minilm, [w], run) for w in windows)["head_patterns"]})
+    batched = model_tables(minilm, windows, run)["head_patterns"]
+    single = sort_tables({"head_patterns": concat(
+        model_tables(minilm, [w], run) for w in windows)["head_patterns"]})
     # classes threshold float32 scores that move by ≲ 1e-5 between batch shapes: equal unless
     # a score sits that close to a class boundary, which these heads do not
     assert batched["pattern"].equals(single["head_patterns"]["pattern"])

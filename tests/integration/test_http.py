@@ -34,7 +34,7 @@ from compare_tables import assert_attention_equal, assert_same_tables
 from conftest import SAMPLE_TEXTS, free_port
 from tolerances import ATTENTION_ATOL, FLOAT16_ATOL
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import analyse_windows, sort_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.dataset import schema
@@ -163,7 +163,7 @@ def local_tables(backend: TorchBackend, docs: list[Document], mode: str = "topk:
     windower = Windower(backend.tokenizer, backend.info, windows or WindowConfig())
     flat = [w for doc in docs for w in windower.windows(doc)]
     config = RunConfig(attention=AttentionMode.parse(mode), local_window=local_window)
-    return stages.sort_tables(stages.analyse_windows(backend, flat, config))
+    return sort_tables(analyse_windows(backend, flat, config))
 
 
 def json_tables(body: dict) -> dict[str, pa.Table]:
@@ -343,7 +343,7 @@ def test_analyses_return_patterns_and_words_like_the_engine(service: Service,
     windower = Windower(minilm.tokenizer, minilm.info, WindowConfig(48, 8))
     flat = [w for doc in docs for w in windower.windows(doc)]
     config = RunConfig(attention=AttentionMode.parse("topk:3"), analyses=("patterns", "words"))
-    want = stages.analyse_windows(minilm, flat, config)
+    want = analyse_windows(minilm, flat, config)
     for name in ("head_patterns", "words", "word_attention"):
         got = pa.Table.from_pylist(body[name], schema=want[name].schema)
         keys = schema.SORT_KEYS[name]
@@ -370,7 +370,7 @@ def test_disable_heads_equals_the_engine_with_those_heads_disabled(
     doc = Document("x", text, source="http", source_line=0)
     windows = Windower(minilm.tokenizer, minilm.info, WindowConfig()).windows(doc)
     with minilm.disabled_heads(HeadMask.parse("1.3,4.*")):
-        want = stages.analyse_windows(minilm, windows, RunConfig())
+        want = analyse_windows(minilm, windows, RunConfig())
     assert_same_tables(json_tables(body), want)
     stats = pd.DataFrame(body["head_stats"])
     off = stats[((stats["layer"] == 1) & (stats["head"] == 3)) | (stats["layer"] == 4)]

@@ -24,7 +24,7 @@ from compare_tables import assert_same_tables
 from conftest import SAMPLE_TEXTS
 
 from pipelines import models
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import model_tables, sort_tables
 from pipelines.backends import create_backend
 from pipelines.backends.base import choose_backend
 from pipelines.backends.batching import collate, plan_batches
@@ -32,6 +32,7 @@ from pipelines.backends.onnx.backend import CPU, OnnxBackend
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
 from pipelines.dataset.reader import Dataset
+from pipelines.dataset.tables import concat
 from pipelines.dataset.writer import UMASK
 from pipelines.jobs import export_onnx as onnx_export
 from pipelines.jobs.export_onnx import ExportError, export_onnx, state_dict_sha256
@@ -80,7 +81,7 @@ def sample_windows(backend: TorchBackend | OnnxBackend) -> list:
 def tables(backend: TorchBackend | OnnxBackend, windows: list,
            mode: str = "topk:8") -> dict[str, pa.Table]:
     config = RunConfig(attention=AttentionMode.parse(mode), batch_tokens=160)
-    return stages.sort_tables(stages.model_tables(backend, windows, config))
+    return sort_tables(model_tables(backend, windows, config))
 
 
 # ---------------------------------------------------------------------------------- export
@@ -172,8 +173,8 @@ def test_tables_match_pytorch(pair: tuple[TorchBackend, OnnxBackend]) -> None:
 def test_batched_equals_one_at_a_time(pair: tuple[TorchBackend, OnnxBackend]) -> None:
     onnx_backend = pair[1]
     windows = sample_windows(onnx_backend)
-    single = stages.concat(tables(onnx_backend, [w]) for w in windows)
-    assert_same_tables(tables(onnx_backend, windows), stages.sort_tables(single))
+    single = concat(tables(onnx_backend, [w]) for w in windows)
+    assert_same_tables(tables(onnx_backend, windows), sort_tables(single))
 
 
 def test_both_backends_describe_the_same_model(pair: tuple[TorchBackend, OnnxBackend]) -> None:

@@ -33,11 +33,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import sort_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
 from pipelines.dataset.manifest import FACTOR_CODES_FORMAT, FACTORS_FORMAT, header
+from pipelines.dataset.tables import documents_table, tokens_table
 from pipelines.dataset.writer import (
     DatasetWriter,
     atomic_write_json,
@@ -243,8 +244,8 @@ def _write_shard(root: Path, shard: Shard, backend: TorchBackend, dictionary: Di
         profile.add(np.searchsorted(layers, rows.layer), codes)
     codes_table = pa.Table.from_pandas(pd.concat(parts), schema=FACTOR_ACTIVATIONS,
                                        preserve_index=False)
-    tables = stages.sort_tables({"documents": stages.documents_table(shard.windows),
-                                 "tokens": stages.tokens_table(shard.windows)})
+    tables = sort_tables({"documents": documents_table(shard.windows),
+                                 "tokens": tokens_table(shard.windows)})
     tables["factor_activations"] = codes_table.sort_by(
         [(key, "ascending") for key in ACTIVATION_KEYS])
     for name, table in tables.items():

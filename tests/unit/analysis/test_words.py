@@ -8,12 +8,13 @@ import torch
 from conftest import SAMPLE_TEXTS
 from tolerances import ATTENTION_ATOL, EPS32, FLOAT16_ATOL
 
-from pipelines.analysis import batch as stages
 from pipelines.analysis import words
+from pipelines.analysis.batch import model_tables, sort_tables
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.dataset import schema
+from pipelines.dataset.tables import concat
 from pipelines.text.tokenize import Document, Windower
 
 TEXTS = ["Unbelievably, the antidisestablishmentarian cat-sat.", *SAMPLE_TEXTS]
@@ -99,9 +100,9 @@ def test_batched_word_attention_equals_one_window_at_a_time(backend: TorchBacken
     windows = [w for doc in [*docs(backend), Document("long", " ".join(TEXTS))]
                for w in windower.windows(doc)]
     config = RunConfig(attention=AttentionMode.parse(mode), analyses=("words",))
-    batched = stages.model_tables(backend, windows, config)["word_attention"]
-    single = stages.concat(stages.model_tables(backend, [w], config) for w in windows)
-    single = stages.sort_tables({"word_attention": single["word_attention"]})["word_attention"]
+    batched = model_tables(backend, windows, config)["word_attention"]
+    single = concat(model_tables(backend, [w], config) for w in windows)
+    single = sort_tables({"word_attention": single["word_attention"]})["word_attention"]
     assert batched.schema == words.word_attention_schema(mode == "full")
     keys = schema.SORT_KEYS["word_attention"]
     assert batched.select(keys).equals(single.select(keys))  # keys: strings and integers

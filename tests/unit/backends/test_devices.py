@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXTS
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import analyse_windows
 from pipelines.backends.base import resolve_device
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.stats import STAT_NAMES
@@ -20,7 +20,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def stats_frame(backend: TorchBackend) -> dict[str, np.ndarray]:
     windower = Windower(backend.tokenizer, backend.info, WindowConfig())
     windows = [w for i, t in enumerate(SAMPLE_TEXTS) for w in windower.windows(Document(str(i), t))]
-    table = stages.analyse_windows(backend, windows, RunConfig())["head_stats"]
+    table = analyse_windows(backend, windows, RunConfig())["head_stats"]
     return {name: table[name].to_numpy(zero_copy_only=False) for name in STAT_NAMES}
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_TEXTS
 from tolerances import ATTENTION_ATOL, EPS32, STAT_ATOL
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import analyse_batch, analyse_windows, sort_tables
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute import reference
@@ -96,7 +96,7 @@ def test_head_stats_match_reference_on_padded_batch(backend: TorchBackend) -> No
     batch = collate(windows, backend.info.pad_token_id)
     attn = backend.attentions(batch)
     config = RunConfig(local_window=LOCAL_WINDOW, attention=AttentionMode("none"))
-    table = stages.analyse_batch(backend, batch, config)["head_stats"]
+    table = analyse_batch(backend, batch, config)["head_stats"]
     info = backend.info
     assert table.num_rows == len(windows) * info.num_layers * info.num_heads
     rows = keyed_rows(table, ["doc_id", "window", "layer", "head"])
@@ -117,7 +117,7 @@ def test_nulls_line_up(backend: TorchBackend) -> None:
     windows = make_windows(backend, sample_docs(backend))
     batch = collate(windows, backend.info.pad_token_id)
     config = RunConfig(attention=AttentionMode("none"))
-    table = stages.analyse_batch(backend, batch, config)["head_stats"]
+    table = analyse_batch(backend, batch, config)["head_stats"]
     sep_nulls = table.column("mass_sep").null_count
     assert sep_nulls == (table.num_rows if backend.info.causal else 0)
     for name in STAT_NAMES:
@@ -447,9 +447,9 @@ def test_analyse_windows_independent_of_batch_tokens(backend: TorchBackend) -> N
     windows = corpus_windows(backend)
     assert any(w.n_windows > 1 for w in windows)
     mode = AttentionMode("topk", k=3)
-    small = stages.sort_tables(stages.analyse_windows(
+    small = sort_tables(analyse_windows(
         backend, windows, RunConfig(attention=mode, batch_tokens=30)))
-    large = stages.sort_tables(stages.analyse_windows(
+    large = sort_tables(analyse_windows(
         backend, windows, RunConfig(attention=mode, batch_tokens=8192)))
 
     key_columns = ["doc_id", "window", "layer", "head", "n_tokens"]

@@ -1,7 +1,7 @@
 """``analyse_documents``: the worker's batching logic as a plain function, on real MiniLM.
 
 Documents from different requests (so with clashing doc_ids and different options) share
-forward passes; each must still get exactly the rows ``stages.model_tables`` gives it alone.
+forward passes; each must still get exactly the rows ``model_tables`` gives it alone.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from compare_tables import STAT_ATOL, assert_same_tables
 from conftest import SAMPLE_TEXTS
 
-from pipelines.analysis import batch as stages
+from pipelines.analysis.batch import model_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.dataset import schema
@@ -30,7 +30,7 @@ def windows_for(backend: TorchBackend, doc_id: str, text: str, pair: str | None 
 def alone(backend: TorchBackend, job: DocumentJob, batch_tokens: int = 8192) -> dict:
     config = RunConfig(attention=AttentionMode.parse(job.attention),
                        local_window=job.local_window, batch_tokens=batch_tokens)
-    return stages.model_tables(backend, job.windows, config)
+    return model_tables(backend, job.windows, config)
 
 
 @pytest.fixture(scope="module")
