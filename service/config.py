@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.config import BACKENDS
+
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -48,8 +50,9 @@ class ModelConfig(Strict):
 
     name: str = "minilm"  # public name in the API and the store folder
     model: str = "minilm"  # registry name, local folder, or a folder from export-onnx
-    #: auto: ONNX Runtime for an export folder, PyTorch otherwise.
-    backend: Literal["auto", "torch", "onnx"] = "auto"
+    #: One of pipelines.config.BACKENDS; auto: ONNX Runtime for an export folder, PyTorch
+    #: otherwise.
+    backend: str = "auto"
     onnx: OnnxSettings = OnnxSettings()
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -62,6 +65,13 @@ class ModelConfig(Strict):
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: PositiveInt = 64
     max_queued_requests: int = Field(256, ge=-1)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}: use {', '.join(BACKENDS)}")
+        return value
 
     @field_validator("name")
     @classmethod
