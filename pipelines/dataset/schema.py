@@ -47,7 +47,7 @@ TOKENS = pa.schema([
 ])
 
 KEY_FIELDS = [("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
-         ("head", pa.uint8())]
+              ("head", pa.uint8())]
 
 HEAD_STATS = pa.schema(KEY_FIELDS + [(name, pa.float32()) for name in STAT_NAMES]
                        + [("n_tokens", pa.uint16())])
