@@ -205,11 +205,10 @@ class Windower:
         value = doc.text if name == "text" else doc.text_pair or ""
         shown = repr(value if len(value) <= 40 else value[:40] + "…")
         made = (f"only special tokens ({' '.join(enc.tokens[:8])})" if enc.ids
-                else "no token at all")
+                else "no token at all (it drops characters such as zero-width spaces)")
         raise NoContentError(
             f"document {doc.doc_id!r}: {name} {shown} has no content for this model: its "
-            f"tokenizer makes {made} of it (characters such as zero-width spaces are dropped); "
-            f"give the {name} some content or remove it")
+            f"tokenizer gives {made}; give the {name} some content or remove it")
 
     def _window(self, doc: Document, content: Encoding, pair: Encoding | None, index: int,
                 n_windows: int, start: int, end: int, n_doc: int, truncated: bool) -> Window:
