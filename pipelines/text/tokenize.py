@@ -142,10 +142,18 @@ class Windower:
         self.stride = config.stride
         self.truncate = config.truncate
         self.special_ids = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
-        # Not content: special tokens and the tokenizer's added tokens ([CLS], <|endoftext|>).
-        self.non_content_ids = np.union1d(
-            self.special_ids,
-            np.asarray(list(self.tokenizer.get_added_tokens_decoder()), dtype=np.int64))
+        # Not content: control tokens ([CLS], [SEP], [PAD], <|endoftext|>) and other added
+        # tokens. [UNK] and [MASK] stand for characters of the text (an emoji, a typed
+        # "[MASK]"), so a text made of them has content.
+        # (GPT-2's unknown token is <|endoftext|>, a control token: it stays non-content.)
+        control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                   tokenizer.bos_token_id, tokenizer.eos_token_id}
+        text_stand_ins = {tokenizer.unk_token_id, tokenizer.mask_token_id} - control
+        self.non_content_ids = np.setdiff1d(
+            np.union1d(self.special_ids,
+                       np.asarray(list(self.tokenizer.get_added_tokens_decoder()),
+                                  dtype=np.int64)),
+            np.asarray([i for i in text_stand_ins if i is not None], dtype=np.int64))
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
                 f"stride {self.stride} must be smaller than the "

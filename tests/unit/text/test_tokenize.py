@@ -276,10 +276,18 @@ def test_text_of_ignorable_characters_depends_on_the_tokenizer(backend: TorchBac
         windower(backend).windows(Document("zw", text))
 
 
-def test_text_of_only_special_tokens_has_no_content(backend: TorchBackend) -> None:
-    special = backend.tokenizer.all_special_tokens[0]  # [UNK] / <|endoftext|>
+def test_text_of_only_control_tokens_has_no_content(backend: TorchBackend) -> None:
+    tokenizer = backend.tokenizer
+    control = tokenizer.sep_token or tokenizer.eos_token  # [SEP] / <|endoftext|>
     with pytest.raises(NoContentError, match=r"'only'.*only special tokens"):
-        windower(backend).windows(Document("only", special * 2))
+        windower(backend).windows(Document("only", control * 2))
+
+
+@pytest.mark.parametrize("text", ["🍕", "🍕 😀", "[MASK]", "[UNK]"])
+def test_unknown_and_mask_tokens_are_content(minilm: TorchBackend, text: str) -> None:
+    """[UNK] (characters the vocabulary lacks) and a typed [MASK] stand for the text."""
+    (window,) = windower(minilm).windows(Document("u", text))
+    assert window.n_doc_tokens > 0
 
 
 def test_pair_without_content_is_refused(minilm: TorchBackend) -> None:
