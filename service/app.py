@@ -41,7 +41,7 @@ from pipelines.dataset import schema
 from pipelines.dataset.tables import concat
 from pipelines.dataset.writer import append_parts
 from pipelines.models import ModelInfo, load_tokenizer
-from pipelines.text.tokenize import Document, Window, Windower
+from pipelines.text.tokenize import Window, Windower
 from pipelines.version import __version__
 from pipelines.views.data import build_payload
 from pipelines.views.html import default_title, render_html
@@ -369,15 +369,16 @@ class Ingress:
         try:
             windower = self._windower(state, WindowConfig(body.max_length, body.stride,
                                                           body.truncate))
-            request_id = uuid.uuid4().hex[:12]
-            items = body.items()
-            width = len(str(len(items) - 1))  # zero-padded, so ids sort in request order
-            docs = [Document(item.id or f"request-{request_id}:{index:0{width}d}", item.text,
-                             item.text_pair, source="http", source_line=index)
-                    for index, item in enumerate(items)]
-            windows = [windower.windows(doc) for doc in docs]
         except ConfigError as exc:
             raise ApiError(422, str(exc)) from None
+        windows = []
+        for index, doc in enumerate(body.documents(uuid.uuid4().hex[:12])):
+            try:
+                windows.append(windower.windows(doc))
+            except ConfigError as exc:  # this document cannot be windowed: say which one
+                where = body.location(index)
+                raise ApiError(422, f"{where}: {exc}",
+                               details=[{"field": where, "problem": str(exc)}]) from None
         limits = self.config.limits
         flat = [w for doc_windows in windows for w in doc_windows]
         tokens = sum(w.n_tokens for w in flat)

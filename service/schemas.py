@@ -9,14 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pipelines.analysis import registry
 from pipelines.config import AttentionMode, ConfigError
 from pipelines.dataset import schema
+from pipelines.text.tokenize import Document, clean_pair, clean_text, is_blank
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-
-
-def _require_content(value: str) -> str:
-    if not value.strip():
-        raise ValueError("text is blank")
-    return value
 
 
 def request_analyses() -> tuple[str, ...]:
@@ -38,8 +33,11 @@ def _options(names: tuple[str, ...]) -> str:
     return ", ".join(repr(name) for name in names)
 
 
-#: A text with at least one non-space character.
-Text = Annotated[str, Field(min_length=1), AfterValidator(_require_content)]
+#: A text with at least one non-space character (the input rule's ``clean_text``: leading
+#: byte-order marks go, blank is refused with "text is blank").
+Text = Annotated[str, Field(min_length=1), AfterValidator(clean_text)]
+#: The second text of a pair (``clean_pair``): empty or blank is no pair.
+Pair = Annotated[str | None, AfterValidator(clean_pair)]
 
 
 class InputItem(BaseModel):
@@ -47,7 +45,7 @@ class InputItem(BaseModel):
 
     text: Text
     id: str | None = Field(None, min_length=1, max_length=256)
-    text_pair: str | None = None
+    text_pair: Pair = None
 
 
 class AttentionRequest(BaseModel):
@@ -106,7 +104,7 @@ class AttentionRequest(BaseModel):
         if (self.texts is None) == (self.inputs is None):
             raise ValueError("give either 'texts' (a list of strings) or 'inputs', not both")
         if self.texts is not None:
-            blank = [i for i, t in enumerate(self.texts) if not t.strip()]
+            blank = [i for i, t in enumerate(self.texts) if is_blank(t)]
             if blank:
                 raise ValueError(f"texts {blank} are empty; every text needs content")
         if not self.items():
@@ -121,6 +119,19 @@ class AttentionRequest(BaseModel):
             return self.inputs
         return [InputItem(text=t) for t in self.texts or []]
 
+    def location(self, index: int) -> str:
+        """Where item ``index`` is in the request, e.g. ``inputs.2``."""
+        return f"{'texts' if self.texts is not None else 'inputs'}.{index}"
+
+    def documents(self, request_id: str) -> list[Document]:
+        """The documents of the request (ids made from ``request_id`` where none is given),
+        through the same input rule as a corpus job's files."""
+        items = self.items()
+        width = len(str(len(items) - 1))  # zero-padded, so ids sort in request order
+        return [Document(item.id or f"request-{request_id}:{index:0{width}d}", item.text,
+                         item.text_pair, source="http", source_line=index)
+                for index, item in enumerate(items)]
+
 
 class ViewRequest(BaseModel):
     """POST /v1/view: one text (or sentence pair) → a self-contained HTML attention view."""
@@ -129,7 +140,7 @@ class ViewRequest(BaseModel):
         {"text": "The cat sat on the mat.", "text_pair": "It was happy."}]})
 
     text: Text
-    text_pair: str | None = None
+    text_pair: Pair = None
     id: str = Field("view", min_length=1, max_length=256)
     model: str | None = Field(None, description="a configured model name (GET /v1/models)")
     attention: str = Field("topk:8", description="weights to draw: topk:K, threshold:T or full")

@@ -2,7 +2,9 @@
 
 Readers stream, so memory does not grow with the corpus. Every problem is an ``InputError``
 that names the file and line to fix; nothing is skipped silently (blank lines of a .txt file
-are the only thing skipped, and they are counted).
+are the only thing skipped, and they are counted). A byte-order mark at the start of a file
+(as "CSV UTF-8" exports write) is not part of its first line; texts follow the input rule of
+``pipelines.text.tokenize`` (``Document``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.text.tokenize import Document
+from pipelines.text.tokenize import BlankText, Document, is_blank, strip_bom
 
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
@@ -68,12 +70,20 @@ def expand(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def _without_bom(lines: Iterable[str]) -> Iterator[str]:
+    """``lines`` with the byte-order mark the first one may start with removed."""
+    for number, line in enumerate(lines):
+        yield strip_bom(line) if number == 0 else line
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, decoded line) with a clear error on undecodable bytes."""
+    """(1-based line number, decoded line) with a clear error on undecodable bytes; a
+    byte-order mark that starts the file is removed."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n")
+                yield number, strip_bom(line) if number == 1 else line
             except UnicodeDecodeError as exc:
                 raise InputError(
                     f"{path}:{number}: bytes that are not UTF-8 at column {exc.start + 1}; "
@@ -82,14 +92,12 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _text(value: object, path: Path, line: int, name: str, required: bool) -> str | None:
-    """A non-empty string; an optional field may be missing or empty (no pair)."""
-    if not required and (value is None or (isinstance(value, str) and not value.strip())):
+    """A string; an optional field may be missing (no pair). Blank text is ``_record``'s."""
+    if not required and value is None:
         return None
     if not isinstance(value, str):
         what = "missing" if value is None else f"a {type(value).__name__}, not a string"
         raise InputError(f"{path}:{line}: field {name!r} is {what}")
-    if not value.strip():
-        raise InputError(f"{path}:{line}: field {name!r} is empty")
     return value
 
 
@@ -99,12 +107,15 @@ def _record(row: dict, path: Path, line: int, columns: Columns) -> Document:
     pair = _text(row.get(columns.text_pair), path, line, columns.text_pair, False)
     raw_id = row.get(columns.id)
     doc_id = str(raw_id) if raw_id not in (None, "") else f"{path.name}:{line}"
-    return Document(doc_id, text, pair, source=str(path), source_line=line)
+    try:  # the input rule: a blank pair is no pair, a blank text an error
+        return Document(doc_id, text, pair, source=str(path), source_line=line)
+    except BlankText:
+        raise InputError(f"{path}:{line}: field {columns.text!r} is empty") from None
 
 
 def _read_txt(path: Path, columns: Columns, summary: InputSummary) -> Iterator[Document]:
     for number, line in _lines(path):
-        if not line.strip():
+        if is_blank(line):
             summary.skipped_blank_lines += 1
             continue
         yield Document(f"{path.name}:{number}", line, None, source=str(path), source_line=number)
@@ -139,7 +150,7 @@ def _read_csv(path: Path, columns: Columns, summary: InputSummary) -> Iterator[D
     for _ in _lines(path):  # fails with the line number on bytes that are not UTF-8
         pass
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(_without_bom(handle))
         if reader.fieldnames is None:
             raise InputError(f"{path}: empty CSV file (no header line)")
         _require_columns(path, list(reader.fieldnames), columns)

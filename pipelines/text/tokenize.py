@@ -19,16 +19,65 @@ from pipelines.models import ModelInfo
 
 _SUBWORD_MARKERS = ("##", "Ġ", "▁", "Ċ")
 
+# --- the one input rule ----------------------------------------------------------------------
+#
+# Every front door (the file readers, the HTTP service, the Python API) makes its documents with
+# ``Document``, which applies ``clean_text`` and ``clean_pair``; the service's request models
+# call the same two functions to refuse a request before any work. What a text must give the
+# model (at least one token that is not special) depends on the tokenizer, so ``Windower``
+# checks it and raises ``NoContentError``.
+
+#: U+FEFF, the byte-order mark that "CSV UTF-8" exports and some editors put first in a file.
+BOM = "\ufeff"
+
+
+class BlankText(ValueError):
+    """A text with nothing but white space (and byte-order marks)."""
+
+
+def strip_bom(text: str) -> str:
+    """``text`` without the byte-order marks (U+FEFF) it starts with."""
+    return text.lstrip(BOM)
+
+
+def is_blank(text: str) -> bool:
+    """True if ``text`` holds nothing but white space and byte-order marks."""
+    return not strip_bom(text).strip()
+
+
+def clean_text(text: str) -> str:
+    """The text a document keeps: leading byte-order marks removed; blank is a ``BlankText``."""
+    text = strip_bom(text)
+    if not text.strip():
+        raise BlankText("text is blank")
+    return text
+
+
+def clean_pair(pair: str | None) -> str | None:
+    """The second text of a pair: leading byte-order marks removed; empty or blank is no pair."""
+    if pair is None:
+        return None
+    pair = strip_bom(pair)
+    return pair if pair.strip() else None
+
 
 @dataclass(frozen=True)
 class Document:
-    """One input text (and optional second text of a pair) with where it came from."""
+    """One input text (and optional second text of a pair) with where it came from.
+
+    Made through the input rule: ``text`` and ``text_pair`` are stored cleaned
+    (``clean_text``, ``clean_pair``), so every front door gives the model the same input.
+    """
 
     doc_id: str
     text: str
     text_pair: str | None = None
     source: str = ""
     source_line: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", clean_text(self.text))
+        object.__setattr__(self, "text_pair", clean_pair(self.text_pair))
 
 
 @dataclass
@@ -63,6 +112,10 @@ class Window:
         return self.token_end - self.token_start
 
 
+class NoContentError(ConfigError):
+    """A text (or pair) of which the tokenizer makes no token but special ones."""
+
+
 def is_punctuation(text: str) -> bool:
     """True if ``text`` (subword markers and spaces removed) is only Unicode punctuation."""
     for marker in _SUBWORD_MARKERS:
@@ -89,6 +142,18 @@ class Windower:
         self.stride = config.stride
         self.truncate = config.truncate
         self.special_ids = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
+        # Not content: control tokens ([CLS], [SEP], [PAD], <|endoftext|>) and other added
+        # tokens. [UNK] and [MASK] stand for characters of the text (an emoji, a typed
+        # "[MASK]"), so a text made of them has content.
+        # (GPT-2's unknown token is <|endoftext|>, a control token: it stays non-content.)
+        control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                   tokenizer.bos_token_id, tokenizer.eos_token_id}
+        text_stand_ins = {tokenizer.unk_token_id, tokenizer.mask_token_id} - control
+        self.non_content_ids = np.setdiff1d(
+            np.union1d(self.special_ids,
+                       np.asarray(list(self.tokenizer.get_added_tokens_decoder()),
+                                  dtype=np.int64)),
+            np.asarray([i for i in text_stand_ins if i is not None], dtype=np.int64))
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
                 f"stride {self.stride} must be smaller than the "
@@ -110,6 +175,9 @@ class Windower:
             self.tokenizer.encode(doc.text_pair, add_special_tokens=False)
             if doc.text_pair is not None else None
         )
+        self._require_content(doc, "text", text_enc)
+        if pair_enc is not None:
+            self._require_content(doc, "text_pair", pair_enc)
         n_doc = len(text_enc.ids)
         n_pair = len(pair_enc.ids) if pair_enc is not None else 0
         budget = self.max_length - self._n_special(pair_enc is not None) - n_pair
@@ -136,6 +204,19 @@ class Windower:
             out.append(self._window(doc, part, pair_enc, index, len(parts), start,
                                     start + len(part.ids), n_doc, False))
         return out
+
+    def _require_content(self, doc: Document, name: str, enc: Encoding) -> None:
+        """A ``NoContentError`` unless ``enc`` holds a token that is neither special nor added."""
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if np.isin(ids, self.non_content_ids, invert=True).any():
+            return
+        value = doc.text if name == "text" else doc.text_pair or ""
+        shown = repr(value if len(value) <= 40 else value[:40] + "…")
+        made = (f"only special tokens ({' '.join(enc.tokens[:8])})" if enc.ids
+                else "no token at all (it drops characters such as zero-width spaces)")
+        raise NoContentError(
+            f"document {doc.doc_id!r}: {name} {shown} has no content for this model: its "
+            f"tokenizer gives {made}; give the {name} some content or remove it")
 
     def _window(self, doc: Document, content: Encoding, pair: Encoding | None, index: int,
                 n_windows: int, start: int, end: int, n_doc: int, truncated: bool) -> Window:

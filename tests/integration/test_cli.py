@@ -6,6 +6,8 @@ with torch takes seconds); the tests then look at the outcome they are about.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.cli import main
 from pipelines.dataset.reader import Dataset
 from pipelines.dataset.schema import TABLES
 
@@ -232,3 +235,70 @@ def test_overwrite_refuses_a_folder_that_is_not_a_dataset(world: World) -> None:
                        "not a headscope dataset")
     assert world.after["foreign"] == world.before["foreign"]
     assert list(world.after["foreign"]) == ["thesis.txt"]
+
+
+# ------------------------------------------------ the input rule, through `headscope run`
+# In-process (pipelines.cli.main): one job each, on a one-line file.
+
+BOM = b"\xef\xbb\xbf"
+
+
+def run_in_process(tmp_path: Path, name: str, content: bytes, model: str = "minilm",
+                   ) -> tuple[int, str, Path]:
+    """(exit code, stderr, --out) of `headscope run` on a file holding ``content``."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["run", str(path), "--out", str(out), "--model", model, "--device", "cpu",
+                     "--no-progress"])
+    return code, stderr.getvalue(), out
+
+
+def test_run_reads_a_csv_utf8_export_with_its_bom(tmp_path: Path) -> None:
+    code, stderr, out = run_in_process(tmp_path, "b.csv", BOM + b"text,id\nThe cat sat.,r1\n")
+    assert code == 0, stderr
+    documents = Dataset.open(out).table("documents")
+    assert documents[["doc_id", "text"]].values.tolist() == [["r1", "The cat sat."]]
+
+
+@pytest.mark.parametrize("pair", ["", "  "])
+def test_run_reads_an_empty_pair_as_no_pair(tmp_path: Path, pair: str) -> None:
+    row = {"id": "a", "text": "Hi there", "text_pair": pair}
+    code, stderr, out = run_in_process(tmp_path, "p.jsonl", json.dumps(row).encode() + b"\n")
+    assert code == 0, stderr
+    assert Dataset.open(out).tokens("a")["token"].tolist() == ["[CLS]", "hi", "there", "[SEP]"]
+
+
+#: name → (file content, model, what the error line names besides the file and line 1)
+NO_CONTENT = {
+    "zero-width-spaces": ('{"id":"zw","text":"\\u200b\\u200b"}\n', "minilm", "'zw'"),
+    "word-joiner-soft-hyphens": ("\u2060\u00ad\u00ad\n", "minilm", "no.txt:1"),
+    "pair-of-zero-width-spaces": ('{"id":"p","text":"Hi","text_pair":"\\u200b"}\n', "minilm",
+                                  "text_pair"),
+    "gpt2-special-tokens-only": ('{"id":"eot","text":"<|endoftext|><|endoftext|>"}\n', "gpt2",
+                                 "'eot'"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_CONTENT))
+def test_run_refuses_a_text_without_content_tokens(tmp_path: Path, gpt2_dir: Path,
+                                                   case: str) -> None:
+    content, model, names = NO_CONTENT[case]
+    name = "no.txt" if not content.startswith("{") else "no.jsonl"
+    code, stderr, out = run_in_process(tmp_path, name, content.encode(),
+                                       str(gpt2_dir) if model == "gpt2" else model)
+    assert code == 2
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("headscope: error:")]
+    assert f"{tmp_path / name}:1:" in line and names in line and "no content" in line, line
+    assert not out.exists()
+
+
+def test_run_keeps_ignorable_characters_that_gpt2_reads(tmp_path: Path, gpt2_dir: Path) -> None:
+    """Byte-level BPE makes tokens of zero-width spaces: for GPT-2 they are content."""
+    content = b'{"id":"zw","text":"\\u200b\\u200b"}\n'
+    code, stderr, out = run_in_process(tmp_path, "zw.jsonl", content, str(gpt2_dir))
+    assert code == 0, stderr
+    tokens = Dataset.open(out).tokens("zw")
+    assert len(tokens) > 0 and not tokens["is_special"].any()

@@ -462,6 +462,11 @@ ERRORS = {
     "pair-too-long": ({"inputs": [{"text": "a", "text_pair": "word " * 40}],
                        "max_length": 16, "stride": 0}, 422, "text_pair"),
     "empty-id": ({"inputs": [{"id": "", "text": "a"}]}, 422, "id"),
+    "bom-only-text": ({"texts": ["a", "\ufeff"]}, 422, "texts [1] are empty"),
+    "no-content-text": ({"inputs": [{"text": "a"}, {"id": "zw", "text": "\u200b\u200b"}]},
+                        422, "inputs.1: document 'zw': text '\\u200b\\u200b' has no content"),
+    "no-content-pair": ({"inputs": [{"id": "p", "text": "a", "text_pair": "\u2060"}]}, 422,
+                        "inputs.0: document 'p': text_pair"),
     "body-is-a-list": (["not", "an", "object"], 422, "JSON object"),
     "body-is-null": (None, 422, "JSON object"),
     # 404: a model this service does not have
@@ -738,6 +743,7 @@ def test_view_of_an_onnx_model_has_no_neuron_vectors(service: Service) -> None:
 @pytest.mark.parametrize(("payload", "status", "says"), [
     ({"text": "hi", "attention": "none"}, 422, "use topk:K"),
     ({"text": "  "}, 422, "text is blank"),
+    ({"text": "\u00ad\u200b"}, 422, "has no content"),
     ({"texts": ["hi"]}, 422, "text: Field required"),
     ({"text": "hi", "model": "nope"}, 404, "unknown model"),
     ({"text": "word " * 3000}, 413, "characters"),
@@ -752,3 +758,33 @@ def test_view_errors_say_what_to_fix(service: Service, payload: dict, status: in
 def test_view_needs_the_token_where_auth_is_on(service: Service) -> None:
     assert post_view(service, {"text": "hi"}, app="secure").status_code == 401
     assert post_view(service, {"text": "hi"}, app="secure", token=TOKEN).status_code == 200
+
+
+# ------------------------------------------------------------------ the input rule
+
+
+@pytest.mark.parametrize("pair", ["", "  "])
+def test_empty_pair_gives_the_tokens_of_the_corpus_job(service: Service, minilm: TorchBackend,
+                                                       tmp_path: Path, pair: str) -> None:
+    """One document, one model input: a blank text_pair is no pair at every front door."""
+    item = {"id": "a", "text": "Hi there", "text_pair": pair}
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps(item) + "\n")
+    run_job([corpus], tmp_path / "out", RunConfig(device="cpu"), backend=minilm, progress=False)
+    want = Dataset.open(tmp_path / "out").tokens("a")["token"].tolist()
+    assert want == ["[CLS]", "hi", "there", "[SEP]"]
+    body = ok(service.post({"inputs": [item]}))
+    assert [t["token"] for t in body["tokens"]] == want
+    assert body["documents"][0]["text_pair"] is None
+    view = post_view(service, item)
+    assert view.status_code == 200, view.text
+    assert view_payload(view.text)["windows"][0]["tokens"] == want
+
+
+def test_text_without_content_is_a_422_naming_the_input(service: Service) -> None:
+    response = service.post({"texts": ["Fine.", "\u200b\u200b"]})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"].startswith("texts.1: document 'request-")
+    assert body["details"][0]["field"] == "texts.1"
+    assert ok(service.post({"texts": ["Fine."]}))["documents"][0]["text"] == "Fine."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -307,3 +308,63 @@ def test_broken_parquet_file(tmp_path: Path) -> None:
     path.write_bytes(b"this is not parquet")
     message = error_of(path)
     assert str(path) in message and "Parquet" in message
+
+
+# --- the input rule: byte-order marks, blank pairs (pipelines.text.tokenize.Document) ---------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_bom_of_a_csv_utf8_export_is_not_part_of_the_header(tmp_path: Path) -> None:
+    """What spreadsheet programs write as "CSV UTF-8": the mark must not hide 'text'."""
+    path = tmp_path / "b.csv"
+    path.write_bytes(BOM + b"text,id\nThe cat sat.,r1\n")
+    assert read_all(path) == [Document("r1", "The cat sat.", None, str(path), 2)]
+    assert validate([path]).documents == 1
+
+
+@pytest.mark.parametrize(("name", "content", "want"), [
+    ("b.jsonl", b'{"id": "j", "text": "Hi"}\n{"id": "k", "text": "Ho"}\n', ["Hi", "Ho"]),
+    ("b.txt", b"First line.\nSecond line.\n", ["First line.", "Second line."]),
+    ("crlf.csv", b"id,text\r\nc,Comma row.\r\n", ["Comma row."]),
+])
+def test_bom_at_the_start_of_a_file_is_dropped(tmp_path: Path, name: str, content: bytes,
+                                               want: list[str]) -> None:
+    path = tmp_path / name
+    path.write_bytes(BOM + content)
+    docs = read_all(path)
+    assert [doc.text for doc in docs] == want
+    assert docs[0].source_line == (2 if name.endswith(".csv") else 1)
+
+
+def test_bom_at_the_start_of_a_text_or_pair_is_dropped(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "marks.jsonl", [
+        {"id": "a", "text": "\ufeffHello.", "text_pair": "\ufeff\ufeffWorld."},
+        {"id": "b", "text": "Mid\ufeffword stays."}])
+    assert [(d.text, d.text_pair) for d in read_all(path)] == [
+        ("Hello.", "World."), ("Mid\ufeffword stays.", None)]
+
+
+@pytest.mark.parametrize("text", ["\ufeff", "\ufeff  \t"])
+def test_text_of_only_a_bom_is_empty(tmp_path: Path, text: str) -> None:
+    path = write_jsonl(tmp_path / "bom-only.jsonl", [{"text": "fine"}, {"text": text}])
+    message = error_of(path)
+    assert f"{path}:2:" in message and "'text' is empty" in message
+
+
+def test_txt_line_of_only_a_bom_is_a_blank_line(tmp_path: Path) -> None:
+    path = tmp_path / "marks.txt"
+    path.write_bytes(BOM + b"\nreal text\n\xef\xbb\xbf \n")
+    assert [(d.text, d.source_line) for d in read_all(path)] == [("real text", 2)]
+    assert validate([path]).skipped_blank_lines == 2
+
+
+@pytest.mark.parametrize("pair", ["", "  ", "\ufeff", "\t\n"])
+def test_blank_pair_is_no_pair_in_csv_and_parquet(tmp_path: Path, pair: str) -> None:
+    csv_path = tmp_path / "pairs.csv"
+    with csv_path.open("w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows([["id", "text", "text_pair"], ["a", "Hi there", pair]])
+    parquet_path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"id": ["b"], "text": ["Hi there"], "text_pair": [pair]}),
+                   parquet_path)
+    assert [d.text_pair for d in read_all(csv_path, parquet_path)] == [None, None]

@@ -10,7 +10,14 @@ from conftest import SAMPLE_TEXTS
 
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import ConfigError, WindowConfig
-from pipelines.text.tokenize import Document, Window, Windower, is_punctuation
+from pipelines.text.tokenize import (
+    BlankText,
+    Document,
+    NoContentError,
+    Window,
+    Windower,
+    is_punctuation,
+)
 
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2
 ASCII_TEXT = "The Quick brown fox jumps over lazy dogs while tokenization happens quietly"
@@ -229,3 +236,62 @@ def test_max_length_above_model_limit_is_an_error(backend: TorchBackend) -> None
 def test_pair_longer_than_max_length_is_an_error(backend: TorchBackend) -> None:
     with pytest.raises(ConfigError, match="text_pair"):
         windower(backend, 16, 2).windows(Document("d", "Short.", LONG_TEXT))
+
+
+# ---------------------------------------------------------------------------------------------
+# the input rule: a blank pair is no pair; a text (or pair) needs a token that is not special
+
+#: Characters WordPiece's normaliser drops (format characters): zero-width space, word joiner,
+#: soft hyphen. GPT-2's byte-level BPE makes tokens of their bytes, so there they are content.
+IGNORABLE = ["\u200b\u200b", "\u2060", "\u00ad\u00ad", "\u200b \u2060\u00ad"]
+
+
+@pytest.mark.parametrize("pair", ["", " ", "  ", "\ufeff", "\n\t"])
+def test_blank_pair_is_no_pair(backend: TorchBackend, pair: str) -> None:
+    doc = Document("a", "Hi there", pair)
+    assert doc.text_pair is None
+    (got,) = windower(backend).windows(doc)
+    (want,) = windower(backend).windows(Document("a", "Hi there"))
+    assert got.tokens == want.tokens and not got.segment.any()
+    if not backend.info.causal:
+        assert got.tokens == ["[CLS]", "hi", "there", "[SEP]"]
+
+
+def test_document_drops_leading_boms_and_refuses_blank_text() -> None:
+    assert Document("a", "\ufeff\ufeffHi", "\ufeffthere").text == "Hi"
+    assert Document("a", "\ufeffHi", "\ufeffthere").text_pair == "there"
+    for blank in ("", "   ", "\ufeff", "\ufeff\n"):
+        with pytest.raises(BlankText, match="blank"):
+            Document("a", blank)
+
+
+@pytest.mark.parametrize("text", IGNORABLE)
+def test_text_of_ignorable_characters_depends_on_the_tokenizer(backend: TorchBackend,
+                                                               text: str) -> None:
+    if backend.info.causal:  # byte-level BPE: the bytes are tokens, the text is content
+        (window,) = windower(backend).windows(Document("zw", text))
+        assert window.n_doc_tokens > 0 and not window.is_special.any()
+        return
+    with pytest.raises(NoContentError, match=r"document 'zw': text .*no token at all"):
+        windower(backend).windows(Document("zw", text))
+
+
+def test_text_of_only_control_tokens_has_no_content(backend: TorchBackend) -> None:
+    tokenizer = backend.tokenizer
+    control = tokenizer.sep_token or tokenizer.eos_token  # [SEP] / <|endoftext|>
+    with pytest.raises(NoContentError, match=r"'only'.*only special tokens"):
+        windower(backend).windows(Document("only", control * 2))
+
+
+@pytest.mark.parametrize("text", ["🍕", "🍕 😀", "[MASK]", "[UNK]"])
+def test_unknown_and_mask_tokens_are_content(minilm: TorchBackend, text: str) -> None:
+    """[UNK] (characters the vocabulary lacks) and a typed [MASK] stand for the text."""
+    (window,) = windower(minilm).windows(Document("u", text))
+    assert window.n_doc_tokens > 0
+
+
+def test_pair_without_content_is_refused(minilm: TorchBackend) -> None:
+    with pytest.raises(NoContentError, match=r"document 'p': text_pair '\\u200b'"):
+        windower(minilm).windows(Document("p", "Hi there", "\u200b"))
+    (window,) = windower(minilm).windows(Document("p", "\u200bHi there\u200b"))
+    assert window.tokens == ["[CLS]", "hi", "there", "[SEP]"]
