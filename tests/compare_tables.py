@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tolerances import FLOAT16_ATOL, STAT_ATOL  # derived there
 
+from pipelines.analysis import registry
 from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import AttentionMode
 from pipelines.dataset import schema
@@ -29,7 +30,7 @@ COUNTS = ("k90",)
 
 
 def frame(table: pa.Table, name: str) -> pd.DataFrame:
-    keys = schema.SORT_KEYS[name]
+    keys = registry.sort_keys()[name]
     df = table.to_pandas()
     df["doc_id"] = df["doc_id"].astype(object)
     if "weight" in df:
@@ -76,7 +77,7 @@ def assert_attention_equal(got: pa.Table, want: pa.Table, atol: float = STAT_ATO
     the threshold). Rows on one side only are accepted if such a near-tie explains them.
     """
     assert got.schema == want.schema
-    keys = schema.SORT_KEYS["attention"]
+    keys = registry.sort_keys()["attention"]
     row = keys[:-1]  # one query row of one head
     left, right = frame(got, "attention"), frame(want, "attention")
     both = left.merge(right, on=keys, how="outer", suffixes=("_got", "_want"), indicator=True)

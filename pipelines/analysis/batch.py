@@ -24,7 +24,6 @@ from pipelines.config import RunConfig
 from pipelines.dataset import schema
 from pipelines.dataset.tables import (
     attention_table,
-    concat,
     documents_table,
     key_columns,
     stats_table,
@@ -32,12 +31,6 @@ from pipelines.dataset.tables import (
 )
 from pipelines.dataset.tables import sort_tables as _sort_tables
 from pipelines.text.tokenize import Window
-
-__all__ = ["analyse_batch", "analyse_windows", "check_capture", "concat", "documents_table",
-           "model_tables", "sort_tables", "text_tables", "tokens_table"]
-
-registry.names()  # the built-in analyses' tables are known (schema.SORT_KEYS) from here on
-
 
 # ------------------------------------------------------------- query/key capture (qk table)
 

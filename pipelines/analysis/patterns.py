@@ -15,9 +15,7 @@ import pyarrow as pa
 from pipelines.analysis.registry import Analysis, BatchContext, BatchTables
 from pipelines.compute.patterns import (
     DEFAULT_THRESHOLDS,
-    DIAGONAL_REACH,
     PATTERN_CLASSES,
-    VERTICAL_COLUMNS,
     PatternThresholds,
     classify,
     pattern_scores,
@@ -27,9 +25,7 @@ from pipelines.dataset.schema import KEY_FIELDS, TableSpec
 from pipelines.dataset.summaries import pattern_shares, with_shares
 from pipelines.dataset.tables import per_head_columns, per_head_values
 
-__all__ = ["ANALYSIS", "DEFAULT_THRESHOLDS", "DIAGONAL_REACH", "HEAD_PATTERNS", "PATTERN_CLASSES",
-           "VERTICAL_COLUMNS", "PatternThresholds", "classify", "pattern_scores",
-           "patterns_table"]
+__all__ = ["ANALYSIS", "HEAD_PATTERNS", "patterns_table"]
 
 HEAD_PATTERNS = pa.schema(KEY_FIELDS + [("pattern", pa.string()), ("vertical", pa.float32()),
                                         ("diagonal", pa.float32()), ("block", pa.float32())])

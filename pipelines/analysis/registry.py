@@ -110,16 +110,14 @@ def _load_builtins() -> None:
 
 
 def _add(analysis: Analysis) -> None:
-    core = {spec.name for spec in (*schema.CORE_SPECS, schema.QK_SPEC, schema.HEAD_SUMMARY_SPEC)}
     for spec in (*analysis.tables, *analysis.final_tables):
-        if spec.name in core:
+        if spec.name in schema.CORE_TABLE_SPECS:
             raise ValueError(f"analysis {analysis.name!r}: table {spec.name!r} is a core table")
         owner = table_owner(spec.name)
         if owner is not None and owner != analysis.name:
             raise ValueError(f"analysis {analysis.name!r}: table {spec.name!r} already belongs "
                              f"to analysis {owner!r}")
     _REGISTRY[analysis.name] = analysis  # a module imported twice replaces its own entry
-    schema.add_specs((*analysis.tables, *analysis.final_tables))
 
 
 def register(analysis: Analysis) -> Analysis:
@@ -194,8 +192,7 @@ def table_owner(table: str) -> str | None:
 def table_specs(chosen: Sequence[str] | None = None) -> dict[str, TableSpec]:
     """Specs of every table a job with analyses ``chosen`` (default: all) may write."""
     _load_builtins()
-    specs = {spec.name: spec for spec in (*schema.CORE_SPECS, schema.QK_SPEC,
-                                           schema.HEAD_SUMMARY_SPEC)}
+    specs = dict(schema.CORE_TABLE_SPECS)
     for analysis in selected(names() if chosen is None else chosen):
         specs.update({spec.name: spec for spec in (*analysis.tables, *analysis.final_tables)})
     return specs

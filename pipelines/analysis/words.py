@@ -28,8 +28,8 @@ from pipelines.dataset.schema import KEY_FIELDS, TableSpec, weight_type
 from pipelines.dataset.tables import key_columns
 from pipelines.text.tokenize import Window
 
-__all__ = ["ANALYSIS", "WORDS", "word_attention", "word_attention_schema",
-           "word_attention_table", "word_index", "word_of_token", "words_table"]
+__all__ = ["ANALYSIS", "WORDS", "word_attention_schema", "word_attention_table", "word_index",
+           "word_of_token", "words_table"]
 
 WORDS = pa.schema([
     ("doc_id", pa.string()),

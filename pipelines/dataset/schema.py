@@ -9,7 +9,7 @@ analysis declares its own tables next to its code (``pipelines/analysis/``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -124,21 +124,7 @@ HEAD_SUMMARY_SPEC = TableSpec("head_summary", HEAD_SUMMARY, ("layer", "head"), p
                               per_shard=False)
 #: Every job writes these per shard.
 TABLES = tuple(spec.name for spec in CORE_SPECS)
-#: Every table spec this process knows: the core tables, and those of each analysis as it
-#: registers (``pipelines.analysis.registry``); ``add_specs`` keeps the two lookups below in step.
-SPECS: dict[str, TableSpec] = {spec.name: spec for spec in (*CORE_SPECS, QK_SPEC,
-                                                             HEAD_SUMMARY_SPEC)}
-#: Sort keys of each known table (row groups follow this order so filters prune them).
-SORT_KEYS: dict[str, list[str]] = {}
-ROW_GROUP_ROWS: dict[str, int] = {}
-
-
-def add_specs(specs: Iterable[TableSpec]) -> None:
-    """Make tables known by name (SPECS, SORT_KEYS, ROW_GROUP_ROWS)."""
-    for spec in specs:
-        SPECS[spec.name] = spec
-        SORT_KEYS[spec.name] = list(spec.sort_keys)
-        ROW_GROUP_ROWS[spec.name] = spec.row_group_rows
-
-
-add_specs(SPECS.values())
+#: The tables that belong to no analysis, by name. The analyses' own tables are declared with
+#: them (``pipelines.analysis.registry.table_specs`` has every table).
+CORE_TABLE_SPECS: dict[str, TableSpec] = {spec.name: spec for spec in (*CORE_SPECS, QK_SPEC,
+                                                                        HEAD_SUMMARY_SPEC)}

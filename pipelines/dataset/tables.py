@@ -103,11 +103,10 @@ def attention_table(windows: list[Window], kept: dict[str, np.ndarray] | None,
 
 
 def sort_tables(tables: dict[str, pa.Table],
-                sort_keys: Mapping[str, Sequence[str]] | None = None) -> dict[str, pa.Table]:
+                sort_keys: Mapping[str, Sequence[str]]) -> dict[str, pa.Table]:
     """Each table in its sort order (doc_id, window, layer, head, ...); ``sort_keys`` by
-    table name, default every table this process knows (``schema.SORT_KEYS``)."""
-    keys = schema.SORT_KEYS if sort_keys is None else sort_keys
-    return {name: table.sort_by([(k, "ascending") for k in keys[name]])
+    table name (``pipelines.analysis.registry.sort_keys()`` has every table's)."""
+    return {name: table.sort_by([(k, "ascending") for k in sort_keys[name]])
             for name, table in tables.items()}
 
 

@@ -81,9 +81,10 @@ class DatasetWriter:
 
     def __init__(self, root: str | Path,
                  specs: Mapping[str, schema.TableSpec] | None = None) -> None:
-        """``specs``: the tables a job may write, by name (default: every known table)."""
+        """``specs``: the tables a job may write, by name (default: the core tables; a corpus
+        job passes ``pipelines.analysis.registry.table_specs(its analyses)``)."""
         self.root = Path(root)
-        self.specs = dict(schema.SPECS if specs is None else specs)
+        self.specs = dict(schema.CORE_TABLE_SPECS if specs is None else specs)
 
     def check(self, resume: bool = False, overwrite: bool = False) -> None:
         """Fail early (before any model is loaded) if the folder cannot be used as asked."""

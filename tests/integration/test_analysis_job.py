@@ -14,15 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_TEXTS
 
+from pipelines.analysis import registry
 from pipelines.analysis.batch import model_tables, sort_tables
-from pipelines.analysis.patterns import PATTERN_CLASSES
 from pipelines.analysis.registry import parse_analyses
 from pipelines.analysis.similarity import PARTS
 from pipelines.backends.batching import collate, plan_batches
 from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.patterns import PATTERN_CLASSES
 from pipelines.compute.similarity import HeadSimilarity
 from pipelines.config import ConfigError, RunConfig, WindowConfig
-from pipelines.dataset import schema
 from pipelines.dataset.reader import Dataset
 from pipelines.dataset.tables import concat
 from pipelines.jobs.local import run_job
@@ -79,7 +79,7 @@ def test_every_analysis_table_is_written_and_counted(analysed: Path) -> None:
         assert len(list((analysed / table).glob("part-*.parquet"))) == shards
     stats = pd.read_parquet(analysed / "head_stats")
     patterns = pd.read_parquet(analysed / "head_patterns")
-    keys = schema.SORT_KEYS["head_stats"]
+    keys = registry.sort_keys()["head_stats"]
     pd.testing.assert_frame_equal(stats[keys], patterns[keys])  # one class per head row
     assert set(patterns["pattern"]) <= set(PATTERN_CLASSES)
 

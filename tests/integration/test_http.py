@@ -34,6 +34,7 @@ from compare_tables import assert_attention_equal, assert_same_tables
 from conftest import SAMPLE_TEXTS, free_port
 from tolerances import ATTENTION_ATOL, FLOAT16_ATOL
 
+from pipelines.analysis import registry
 from pipelines.analysis.batch import analyse_windows, sort_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
@@ -346,7 +347,7 @@ def test_analyses_return_patterns_and_words_like_the_engine(service: Service,
     want = analyse_windows(minilm, flat, config)
     for name in ("head_patterns", "words", "word_attention"):
         got = pa.Table.from_pylist(body[name], schema=want[name].schema)
-        keys = schema.SORT_KEYS[name]
+        keys = registry.sort_keys()[name]
         assert got.select(keys).equals(want[name].select(keys)), name
     got = pa.Table.from_pylist(body["word_attention"], schema=want["word_attention"].schema)
     assert pc.max(pc.abs(pc.subtract(got["weight"], want["word_attention"]["weight"]))).as_py() \

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from tolerances import EPS32, EPS64, FLOAT16_ATOL
 
+from pipelines.analysis import registry
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.stats import DEFINITIONS, STAT_NAMES
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
@@ -30,7 +31,7 @@ from pipelines.text.tokenize import Windower
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "pipelines"]
 ALL_TABLES = (*schema.TABLES, "head_summary")
-SORT_KEYS = {**schema.SORT_KEYS, "head_summary": ["layer", "head"]}
+SORT_KEYS = registry.sort_keys()  # head_summary included
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
          "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon"]
 TEXTS = [
@@ -305,7 +306,7 @@ def test_parts_are_sorted_by_their_keys(e2e: Path, full_many: Path, table: str) 
     for root in (e2e, full_many):
         for part in sorted((root / table).glob("part-*.parquet")):
             frame = pq.read_table(part).to_pandas()
-            keys = schema.SORT_KEYS[table]
+            keys = registry.sort_keys()[table]
             assert len(frame) > 0
             expected = frame.sort_values(keys, kind="stable").reset_index(drop=True)
             # the same rows reordered (a stable sort of the part itself): exact

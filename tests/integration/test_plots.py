@@ -16,9 +16,9 @@ import pytest
 from conftest import SAMPLE_TEXTS
 from matplotlib.colors import Normalize, to_hex
 
-from pipelines.analysis.patterns import PATTERN_CLASSES
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.cli import main
+from pipelines.compute.patterns import PATTERN_CLASSES
 from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import RunConfig, WindowConfig
 from pipelines.dataset import schema

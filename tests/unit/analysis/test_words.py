@@ -8,12 +8,12 @@ import torch
 from conftest import SAMPLE_TEXTS
 from tolerances import ATTENTION_ATOL, EPS32, FLOAT16_ATOL
 
-from pipelines.analysis import words
+from pipelines.analysis import registry, words
 from pipelines.analysis.batch import model_tables, sort_tables
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.words import word_attention
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
-from pipelines.dataset import schema
 from pipelines.dataset.tables import concat
 from pipelines.text.tokenize import Document, Windower
 
@@ -60,7 +60,7 @@ def test_word_attention_matches_loops_over_the_tokenizer_word_ids(
     batch = collate(windows, backend.info.pad_token_id)
     attn = backend.attentions(batch)  # [L, B, H, S, S]
     index = words.word_index(windows, attn.shape[-1], attn.device)
-    word_attn, word_valid = words.word_attention(attn, index)
+    word_attn, word_valid = word_attention(attn, index)
     for row, (window, doc) in enumerate(zip(windows, docs(backend), strict=True)):
         groups = reference_groups(backend, doc)
         assert len(groups) == int(word_valid[row].sum()) <= window.n_tokens
@@ -104,7 +104,7 @@ def test_batched_word_attention_equals_one_window_at_a_time(backend: TorchBacken
     single = concat(model_tables(backend, [w], config) for w in windows)
     single = sort_tables({"word_attention": single["word_attention"]})["word_attention"]
     assert batched.schema == words.word_attention_schema(mode == "full")
-    keys = schema.SORT_KEYS["word_attention"]
+    keys = registry.sort_keys()["word_attention"]
     assert batched.select(keys).equals(single.select(keys))  # keys: strings and integers
     # other padding: ATTENTION_ATOL; full mode stores float16: FLOAT16_ATOL
     np.testing.assert_allclose(batched["weight"].to_numpy().astype(float),

@@ -12,15 +12,15 @@ import torch
 from conftest import SAMPLE_TEXTS
 from tolerances import STAT_ATOL
 
-from pipelines.analysis.patterns import (
+from pipelines.backends.batching import collate
+from pipelines.backends.torch.backend import TorchBackend
+from pipelines.compute.patterns import (
     PATTERN_CLASSES,
     VERTICAL_COLUMNS,
     PatternThresholds,
     classify,
     pattern_scores,
 )
-from pipelines.backends.batching import collate
-from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
 from pipelines.text.tokenize import Document, Window, Windower
 
