@@ -47,18 +47,16 @@ def is_blank(text: str) -> bool:
 
 def clean_text(text: str) -> str:
     """The text a document keeps: leading byte-order marks removed; blank is a ``BlankText``."""
-    text = strip_bom(text)
-    if not text.strip():
+    if is_blank(text):
         raise BlankText("text is blank")
-    return text
+    return strip_bom(text)
 
 
 def clean_pair(pair: str | None) -> str | None:
     """The second text of a pair: leading byte-order marks removed; empty or blank is no pair."""
     if pair is None:
         return None
-    pair = strip_bom(pair)
-    return pair if pair.strip() else None
+    return None if is_blank(pair) else strip_bom(pair)
 
 
 @dataclass(frozen=True)
