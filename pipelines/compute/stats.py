@@ -23,8 +23,10 @@ DEFINITIONS: dict[str, str] = {
     "mass_next": "mean_i A_i,i+1 (0 for the last token)",
     "mass_first": "mean_i A_i,0",
     "mass_sep": "mean_i sum over separator keys j of A_ij (null without a separator token)",
-    "mass_special": "mean_i sum over special keys j (CLS/SEP/BOS/EOS) of A_ij",
-    "mass_punct": "mean_i sum over punctuation keys j of A_ij",
+    "mass_special": "mean_i sum over special keys j of A_ij; special = control tokens "
+                    "(CLS/SEP/BOS/EOS/PAD, added or typed), never [UNK]/[MASK]",
+    "mass_punct": "mean_i sum over punctuation keys j of A_ij; punctuation = source "
+                  "characters all Unicode punctuation (white space aside)",
     "mean_distance": "mean_i sum_j A_ij |i - j|",
     "mass_window": "mean_i sum over |i - j| <= w of A_ij",
     "mass_sparse": "mean_i sum over (|i - j| <= w) or special j of A_ij",

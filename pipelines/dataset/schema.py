@@ -38,6 +38,7 @@ TOKENS = pa.schema([
     ("position", pa.uint16()),
     ("token_id", pa.uint32()),
     ("token", pa.string()),
+    ("surface", pa.string()),
     ("char_start", pa.int32()),
     ("char_end", pa.int32()),
     ("doc_position", pa.int32()),

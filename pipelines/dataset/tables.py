@@ -48,6 +48,7 @@ def tokens_table(windows: list[Window]) -> pa.Table:
         "position": np.concatenate([np.arange(n) for n in lengths]).astype(np.uint16),
         "token_id": cat("input_ids").astype(np.uint32),
         "token": [t for w in windows for t in w.tokens],
+        "surface": [t for w in windows for t in w.surfaces],
         "char_start": cat("char_start"),
         "char_end": cat("char_end"),
         "doc_position": cat("doc_position"),

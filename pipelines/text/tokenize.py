@@ -17,8 +17,6 @@ from tokenizers import Encoding
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import ModelInfo
 
-_SUBWORD_MARKERS = ("##", "Ġ", "▁", "Ċ")
-
 # --- the one input rule ----------------------------------------------------------------------
 #
 # Every front door (the file readers, the HTTP service, the Python API) makes its documents with
@@ -95,9 +93,10 @@ class Window:
     char_start: np.ndarray  # [n] int32, -1 for tokens the tokenizer added ([CLS], [SEP])
     char_end: np.ndarray  # [n] int32, -1 likewise
     doc_position: np.ndarray  # [n] int32, -1 for added and pair tokens
-    tokens: list[str]
+    tokens: list[str]  # the tokenizer's own strings (byte-level BPE: bytes as symbols)
+    surfaces: list[str]  # what a person reads: the source characters each token covers
     word_ids: np.ndarray  # [n] int32: word index within its text (tokenizer), -1 if added
-    is_special: np.ndarray  # [n] bool
+    is_special: np.ndarray  # [n] bool: control tokens (see ``control_token_ids``)
     is_sep: np.ndarray  # [n] bool
     is_punct: np.ndarray  # [n] bool
 
@@ -114,12 +113,31 @@ class NoContentError(ConfigError):
     """A text (or pair) of which the tokenizer makes no token but special ones."""
 
 
-def is_punctuation(text: str) -> bool:
-    """True if ``text`` (subword markers and spaces removed) is only Unicode punctuation."""
-    for marker in _SUBWORD_MARKERS:
-        text = text.replace(marker, "")
-    text = text.strip()
+def is_punctuation(surface: str) -> bool:
+    """True if ``surface``, the source characters of a token, is Unicode punctuation only
+    (white space aside). Taken from the text, not the token string, so every tokenizer family
+    (WordPiece "##", byte-level "Ġ", SentencePiece "▁") gets the same answer."""
+    text = surface.strip()
     return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
+
+
+def control_token_ids(tokenizer) -> np.ndarray:
+    """Sorted int64 ids of the tokens that are not text: the tokenizer's special tokens
+    ([CLS], [SEP], [PAD], <s>, </s>, <|endoftext|>, chat markers...) and every added token it
+    flags special, except the stand-ins for text.
+
+    [UNK] and [MASK] stand for characters of the text (an emoji, a 130-letter word, a typed
+    "[MASK]"), so they are text positions, unless the tokenizer also uses the same id as a
+    control token (GPT-2's unknown token is <|endoftext|>). This one rule decides both
+    ``Window.is_special`` (what ``mass_special`` and ``mass_sparse`` count and what views hide)
+    and whether a text has content.
+    """
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    flagged = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if tok.special}
+    control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+               tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    stand_ins = {tokenizer.unk_token_id, tokenizer.mask_token_id} - control
+    return np.asarray(sorted(flagged - stand_ins), dtype=np.int64)
 
 
 class Windower:
@@ -130,7 +148,10 @@ class Windower:
         self.tokenizer = copy.deepcopy(tokenizer.backend_tokenizer)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        # Texts are encoded without the post-processor and finished once by ``_finish``: a
+        # post-processor that trims offsets (RoBERTa's) must not run twice.
         self.post = self.tokenizer.post_processor
+        self.tokenizer.post_processor = None
         self.max_length = config.max_length or info.max_length
         if self.max_length > info.max_length:
             raise ConfigError(
@@ -139,19 +160,7 @@ class Windower:
             )
         self.stride = config.stride
         self.truncate = config.truncate
-        self.special_ids = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
-        # Not content: control tokens ([CLS], [SEP], [PAD], <|endoftext|>) and other added
-        # tokens. [UNK] and [MASK] stand for characters of the text (an emoji, a typed
-        # "[MASK]"), so a text made of them has content.
-        # (GPT-2's unknown token is <|endoftext|>, a control token: it stays non-content.)
-        control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
-                   tokenizer.bos_token_id, tokenizer.eos_token_id}
-        text_stand_ins = {tokenizer.unk_token_id, tokenizer.mask_token_id} - control
-        self.non_content_ids = np.setdiff1d(
-            np.union1d(self.special_ids,
-                       np.asarray(list(self.tokenizer.get_added_tokens_decoder()),
-                                  dtype=np.int64)),
-            np.asarray([i for i in text_stand_ins if i is not None], dtype=np.int64))
+        self.control_ids = control_token_ids(tokenizer)
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
                 f"stride {self.stride} must be smaller than the "
@@ -204,9 +213,9 @@ class Windower:
         return out
 
     def _require_content(self, doc: Document, name: str, enc: Encoding) -> None:
-        """A ``NoContentError`` unless ``enc`` holds a token that is neither special nor added."""
+        """A ``NoContentError`` unless ``enc`` holds a token that is not a control token."""
         ids = np.asarray(enc.ids, dtype=np.int64)
-        if np.isin(ids, self.non_content_ids, invert=True).any():
+        if np.isin(ids, self.control_ids, invert=True).any():
             return
         value = doc.text if name == "text" else doc.text_pair or ""
         shown = repr(value if len(value) <= 40 else value[:40] + "…")
@@ -221,8 +230,8 @@ class Windower:
         enc = self._finish(content, pair)
         ids = np.asarray(enc.ids, dtype=np.int64)
         added = np.asarray(enc.special_tokens_mask, dtype=bool)  # added by the post-processor
-        # Special: added, or a special token typed in the text (e.g. <|endoftext|>).
-        special = added | np.isin(ids, self.special_ids)
+        # Special: added, or a control token typed in the text (e.g. <|endoftext|>).
+        special = added | np.isin(ids, self.control_ids)
         # Tokens not added come in order: the window's text tokens, then the pair's.
         content_rank = np.cumsum(~added) - 1
         is_pair = ~added & (content_rank >= len(content.ids))
@@ -234,18 +243,18 @@ class Windower:
         sep_id = self.info.sep_token_id
         is_sep = special & (ids == sep_id) if sep_id is not None else np.zeros(len(ids), bool)
         surfaces = [
-            "" if sp else (doc.text_pair or "" if pair_token else doc.text)[a:b]
-            for pair_token, (a, b), sp in zip(is_pair, offsets, added, strict=True)
+            token if was_added else (doc.text_pair or "" if pair_token else doc.text)[a:b]
+            for token, pair_token, (a, b), was_added
+            in zip(enc.tokens, is_pair, offsets, added, strict=True)
         ]
-        triples = zip(surfaces, enc.tokens, special, strict=True)
-        punct = np.array([not sp and is_punctuation(t or tok) for t, tok, sp in triples],
-                         dtype=bool)
+        punct = np.array([not sp and is_punctuation(text) for text, sp in zip(
+            surfaces, special, strict=True)], dtype=bool)
         return Window(
             doc=doc, window=index, n_windows=n_windows, token_start=start, token_end=end,
             n_doc_tokens=n_doc, truncated=truncated, input_ids=ids,
             type_ids=np.asarray(enc.type_ids, dtype=np.int64), segment=segment,
             char_start=offsets[:, 0].copy(), char_end=offsets[:, 1].copy(),
-            doc_position=doc_position, tokens=list(enc.tokens),
+            doc_position=doc_position, tokens=list(enc.tokens), surfaces=surfaces,
             word_ids=np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int32),
             is_special=special,
             is_sep=is_sep, is_punct=punct,

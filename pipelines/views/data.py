@@ -23,7 +23,9 @@ FORMAT = "headscope-view/1"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).
 QK_TABLE = "qk"
 _ATTENTION_COLUMNS = ["window", "layer", "head", "query", "key", "weight"]
-TOKEN_COLUMNS = ["window", "position", "token", "segment", "is_special"]
+TOKEN_COLUMNS = ["window", "position", "token", "surface", "segment", "is_special"]
+#: How white space is drawn when a token covers nothing else (GPT-2's newline and space tokens).
+_WHITESPACE_SHOWN = {"\n": "\\n", "\r": "\\r", "\t": "\\t", " ": "␣"}
 
 
 def b64(values: np.ndarray, dtype: str) -> str:
@@ -34,6 +36,23 @@ def b64(values: np.ndarray, dtype: str) -> str:
 def unb64(text: str, dtype: str) -> np.ndarray:
     """Inverse of :func:`b64`."""
     return np.frombuffer(base64.b64decode(text), dtype=dtype)
+
+
+def token_labels(tokens: pa.Table) -> list[str]:
+    """What a view shows for each token: the source characters it covers (``surface``), white
+    space trimmed, so byte-level BPE reads "café", not "ĠcafÃ©"; a token made only of white
+    space shows it escaped ("\\n", "␣"), one whose offsets were trimmed to nothing its token
+    string. Datasets written before the ``surface`` column show the tokenizer's strings."""
+    if "surface" not in tokens.column_names:
+        return tokens.column("token").to_pylist()
+    surfaces, raw = tokens.column("surface").to_pylist(), tokens.column("token").to_pylist()
+    return [_label(surface, token) for surface, token in zip(surfaces, raw, strict=True)]
+
+
+def _label(surface: str, token: str) -> str:
+    if not surface:  # white space whose offsets the tokenizer trimmed away (RoBERTa)
+        return token
+    return surface.strip() or "".join(_WHITESPACE_SHOWN.get(c, c) for c in surface)
 
 
 def view_data(dataset: Dataset | str | Path, doc_id: str, window: int | None = None,
@@ -50,7 +69,9 @@ def view_data(dataset: Dataset | str | Path, doc_id: str, window: int | None = N
         raise ValueError(f"{ds.root} stores no attention weights (attention mode 'none'); "
                          "re-run the job with --attention topk:K (or threshold:T, full)")
     docs = _document_windows(ds, doc_id, window)
-    tokens = _read(ds.root, "tokens", doc_id, window, TOKEN_COLUMNS)
+    present = pq.ParquetDataset(ds.root / "tokens").schema.names
+    tokens = _read(ds.root, "tokens", doc_id, window,
+                   [name for name in TOKEN_COLUMNS if name in present])
     weights = _read(ds.root, "attention", doc_id, window, _ATTENTION_COLUMNS)
     vectors = (_read(ds.root, QK_TABLE, doc_id, window, None)
                if qk and (ds.root / QK_TABLE).is_dir() else None)
@@ -118,7 +139,7 @@ def _window_payload(doc: dict, tokens: pa.Table, weights: pa.Table, vectors: pa.
         "token_start": int(doc["token_start"]),
         "token_end": int(doc["token_end"]),
         "n_tokens": n,
-        "tokens": toks.column("token").to_pylist(),
+        "tokens": token_labels(toks),
         "segment": segment,
         "is_special": [int(v) for v in toks.column("is_special").to_pylist()],
         "pair": any(segment),
