@@ -2,9 +2,10 @@
 
 Readers stream, so memory does not grow with the corpus. Every problem is an ``InputError``
 that names the file and line to fix; nothing is skipped silently (blank lines of a .txt file
-are the only thing skipped, and they are counted). A byte-order mark at the start of a file
-(as "CSV UTF-8" exports write) is not part of its first line; texts follow the input rule of
-``pipelines.text.tokenize`` (``Document``).
+are the only thing skipped, and they are counted). A byte-order mark (U+FEFF, as "CSV UTF-8"
+exports write) at the start of a line (of a file, or of files concatenated into one) or of a
+field name is not part of it; texts follow the input rule of ``pipelines.text.tokenize``
+(``Document``).
 """
 
 from __future__ import annotations
@@ -71,19 +72,19 @@ def expand(paths: list[str | Path]) -> list[Path]:
 
 
 def _without_bom(lines: Iterable[str]) -> Iterator[str]:
-    """``lines`` with the byte-order mark the first one may start with removed."""
-    for number, line in enumerate(lines):
-        yield strip_bom(line) if number == 0 else line
+    """``lines`` with the byte-order marks they start with removed."""
+    for line in lines:
+        yield strip_bom(line)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, decoded line) with a clear error on undecodable bytes; a
-    byte-order mark that starts the file is removed."""
+    """(1-based line number, decoded line) with a clear error on undecodable bytes; the
+    byte-order marks a line starts with are removed."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
-                yield number, strip_bom(line) if number == 1 else line
+                yield number, strip_bom(line)
             except UnicodeDecodeError as exc:
                 raise InputError(
                     f"{path}:{number}: bytes that are not UTF-8 at column {exc.start + 1}; "
@@ -102,6 +103,7 @@ def _text(value: object, path: Path, line: int, name: str, required: bool) -> st
 
 
 def _record(row: dict, path: Path, line: int, columns: Columns) -> Document:
+    row = {strip_bom(str(name)): value for name, value in row.items()}
     text = _text(row.get(columns.text), path, line, columns.text, True)
     assert text is not None  # a required field is a string or an InputError
     pair = _text(row.get(columns.text_pair), path, line, columns.text_pair, False)
@@ -166,8 +168,9 @@ def _read_parquet(path: Path, columns: Columns, summary: InputSummary) -> Iterat
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
     names = handle.schema_arrow.names
-    _require_columns(path, names, columns)
-    wanted = [c for c in (columns.text, columns.id, columns.text_pair) if c in names]
+    _require_columns(path, [strip_bom(name) for name in names], columns)
+    fields = (columns.text, columns.id, columns.text_pair)
+    wanted = [name for name in names if strip_bom(name) in fields]
     row_number = 0
     for batch in handle.iter_batches(columns=wanted, batch_size=4096):
         for row in batch.to_pylist():

@@ -18,14 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.dataset.reader import Dataset
+from pipelines.text.tokenize import display_label
 
 FORMAT = "headscope-view/1"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).
 QK_TABLE = "qk"
 _ATTENTION_COLUMNS = ["window", "layer", "head", "query", "key", "weight"]
 TOKEN_COLUMNS = ["window", "position", "token", "surface", "segment", "is_special"]
-#: How white space is drawn when a token covers nothing else (GPT-2's newline and space tokens).
-_WHITESPACE_SHOWN = {"\n": "\\n", "\r": "\\r", "\t": "\\t", " ": "␣"}
 
 
 def b64(values: np.ndarray, dtype: str) -> str:
@@ -39,20 +38,13 @@ def unb64(text: str, dtype: str) -> np.ndarray:
 
 
 def token_labels(tokens: pa.Table) -> list[str]:
-    """What a view shows for each token: the source characters it covers (``surface``), white
-    space trimmed, so byte-level BPE reads "café", not "ĠcafÃ©"; a token made only of white
-    space shows it escaped ("\\n", "␣"), one whose offsets were trimmed to nothing its token
-    string. Datasets written before the ``surface`` column show the tokenizer's strings."""
+    """What a view shows for each row of a ``tokens`` table (``display_label``); datasets
+    written before the ``surface`` column show the tokenizer's strings."""
+    raw = tokens.column("token").to_pylist()
     if "surface" not in tokens.column_names:
-        return tokens.column("token").to_pylist()
-    surfaces, raw = tokens.column("surface").to_pylist(), tokens.column("token").to_pylist()
-    return [_label(surface, token) for surface, token in zip(surfaces, raw, strict=True)]
-
-
-def _label(surface: str, token: str) -> str:
-    if not surface:  # white space whose offsets the tokenizer trimmed away (RoBERTa)
-        return token
-    return surface.strip() or "".join(_WHITESPACE_SHOWN.get(c, c) for c in surface)
+        return raw
+    surfaces = tokens.column("surface").to_pylist()
+    return [display_label(surface, token) for surface, token in zip(surfaces, raw, strict=True)]
 
 
 def view_data(dataset: Dataset | str | Path, doc_id: str, window: int | None = None,

@@ -195,7 +195,8 @@ def test_top_contexts_are_the_largest_codes(codes: Path) -> None:
     pd.testing.assert_frame_equal(got[keys], want[keys], check_dtype=False)  # no floats
     # exact: factor_top copies the stored float32 activations it ranks
     np.testing.assert_array_equal(got["activation"], want["activation"])
-    texts = {key: list(group.sort_values("position")["token"])
+    # contexts show what a person reads: the source characters of each token
+    texts = {key: list(group.sort_values("position")["surface"].str.strip())
              for key, group in table(codes, "tokens").groupby(["doc_id", "window"])}
     anchors = list(zip(got["doc_id"], got["window"], got["position"], strict=True))
     assert list(got["token"]) == [texts[(d, w)][p] for d, w, p in anchors]

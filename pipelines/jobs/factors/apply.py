@@ -50,7 +50,7 @@ from pipelines.jobs.factors.train import DICTIONARY, MANIFEST
 from pipelines.jobs.local import survey
 from pipelines.text.inputs import Columns, expand, validate
 from pipelines.text.plan import Shard, unit_shards
-from pipelines.text.tokenize import Windower
+from pipelines.text.tokenize import Windower, display_label
 
 log = logging.getLogger(__name__)
 #: Tokens of context kept on each side of a top activation.
@@ -301,8 +301,11 @@ def _context_keys(anchors: pd.DataFrame) -> pd.DataFrame:
 
 
 def _tokens_part(part: Path) -> pd.DataFrame:
-    tokens = pq.read_table(part, columns=[*TOKEN_KEYS, "token"]).to_pandas()
-    return tokens.astype({"doc_id": str, "position": np.int64})
+    """A part's tokens, ``token`` being what a person reads (``display_label``)."""
+    tokens = pq.read_table(part, columns=[*TOKEN_KEYS, "token", "surface"]).to_pandas()
+    tokens["token"] = [display_label(surface, token) for surface, token
+                       in zip(tokens["surface"], tokens["token"], strict=True)]
+    return tokens.drop(columns="surface").astype({"doc_id": str, "position": np.int64})
 
 
 def _shifted_tokens(frame: pd.DataFrame, token_at: pd.Series, offset: int) -> list:

@@ -337,6 +337,30 @@ def test_bom_at_the_start_of_a_file_is_dropped(tmp_path: Path, name: str, conten
     assert docs[0].source_line == (2 if name.endswith(".csv") else 1)
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("cat.jsonl", b'{"id": "j", "text": "Hi"}\n' + BOM + b'{"id": "k", "text": "Ho"}\n'),
+    ("cat.txt", b"Hi\n" + BOM + b"Ho\n"),
+    ("cat.csv", b"id,text\nj,Hi\n" + BOM + b"k,Ho\n"),
+])
+def test_bom_starting_a_later_line_is_dropped(tmp_path: Path, name: str, content: bytes) -> None:
+    """Files concatenated from several exports carry a mark where each one began."""
+    path = tmp_path / name
+    path.write_bytes(BOM + content)
+    docs = read_all(path)
+    assert [doc.text for doc in docs] == ["Hi", "Ho"]
+    if name != "cat.txt":
+        assert [doc.doc_id for doc in docs] == ["j", "k"]
+
+
+def test_bom_in_field_names_is_dropped(tmp_path: Path) -> None:
+    """A Parquet or JSON file made from a "CSV UTF-8" export keeps the mark in a name."""
+    parquet_path = tmp_path / "marked.parquet"
+    pq.write_table(pa.table({"\ufefftext": ["Parquet row."], "id": ["p"]}), parquet_path)
+    jsonl_path = write_jsonl(tmp_path / "marked.jsonl", [{"\ufeffid": "j", "text": "Row."}])
+    docs = read_all(parquet_path, jsonl_path)
+    assert [(d.doc_id, d.text) for d in docs] == [("p", "Parquet row."), ("j", "Row.")]
+
+
 def test_bom_at_the_start_of_a_text_or_pair_is_dropped(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "marks.jsonl", [
         {"id": "a", "text": "\ufeffHello.", "text_pair": "\ufeff\ufeffWorld."},
