@@ -183,3 +183,26 @@ def test_the_documented_pandas_recipes_run(analysed: Path, capsys: pytest.Captur
     exec(compile(code, "docs/analysis.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "attends_to" in printed and "js_distance" in printed
+
+
+def test_roberta_job_keeps_the_tokenizers_offsets_and_whole_words(
+        roberta: TorchBackend, roberta_dir: Path, tmp_path: Path) -> None:
+    """A corpus job on a RoBERTa model (byte-level BPE with offset trimming): the tokens
+    table holds the tokenizer's own offsets (trimmed once) and its surfaces, and the words
+    table whole words (issue: "Le, afé, '', '', ōkyō, 京, s, aïve")."""
+    text = "Le café 😀 à Tōkyō 東京 is naïve — ok."
+    path = tmp_path / "accented.jsonl"
+    path.write_text(json.dumps({"id": "acc", "text": text}) + "\n", encoding="utf-8")
+    run_job([path], tmp_path / "ds", config(model=str(roberta_dir), analyses=("words",)),
+            backend=roberta, progress=False)
+    ds = Dataset.open(tmp_path / "ds")
+    tokens = ds.tokens("acc").sort_values("position")
+    own = roberta.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    content = ~np.asarray(own["special_tokens_mask"], dtype=bool)
+    offsets = np.asarray(own["offset_mapping"])[content]
+    np.testing.assert_array_equal(tokens["char_start"].to_numpy()[content], offsets[:, 0])
+    np.testing.assert_array_equal(tokens["char_end"].to_numpy()[content], offsets[:, 1])
+    assert list(tokens["surface"][content]) == [text[a:b] for a, b in offsets]
+    words = ds.table("words").sort_values("word")["text"].tolist()
+    assert words == ["<s>", "Le", "café", "😀", "à", "Tōkyō", "東京", "is", "naïve", "—", "ok",
+                     ".", "</s>"]
