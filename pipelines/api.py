@@ -11,19 +11,25 @@ from pathlib import Path
 
 from pipelines.dataset import reader
 from pipelines.views import DocumentView
+from pipelines.views.data import Indices
 
 
 class Dataset(reader.Dataset):
     """A dataset folder written by a corpus job (or the service's ``store``), with views."""
 
-    def view(self, doc_id: str, window: int | None = None, qk: bool = True) -> DocumentView:
+    def view(self, doc_id: str, window: int | None = None, qk: bool = True, *,
+             layers: Indices = None, heads: Indices = None, top_k: int | None = None,
+             force: bool = False) -> DocumentView:
         """Head, model and neuron views of one document; in a notebook it shows inline.
 
         ``.save("doc.html")`` on the result writes the page. ``window`` None shows every
         window of the document (with a pager); ``qk`` includes the neuron view's vectors
-        where the dataset has a ``qk`` table.
+        where the dataset has a ``qk`` table. ``layers`` and ``heads`` (``"0,3-5"`` or
+        integers) and ``top_k`` (the largest stored weights per query row) thin the page;
+        ``force`` writes a page over ``views.MAX_PAGE_BYTES``.
         """
-        return DocumentView(self, doc_id, window, qk=qk)
+        return DocumentView(self, doc_id, window, qk=qk, layers=layers, heads=heads,
+                            top_k=top_k, force=force)
 
 
 def open_dataset(root: str | Path) -> Dataset:

@@ -229,6 +229,13 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     view.add_argument("--out", required=True, help="the HTML file to write")
     view.add_argument("--no-qk", action="store_true",
                       help="leave the query/key vectors out (a smaller file, no neuron view)")
+    view.add_argument("--layers", metavar="L",
+                      help="only these layers, e.g. 0,3-5 (default: all)")
+    view.add_argument("--heads", metavar="H", help="only these heads, e.g. 0-3 (default: all)")
+    view.add_argument("--top-k", type=int, metavar="K",
+                      help="only the K largest stored weights per query row, per layer and head")
+    view.add_argument("--force", action="store_true",
+                      help="write a page over 500 MB (more than a browser can load)")
     view.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     view.set_defaults(func=_view)
 
@@ -249,14 +256,17 @@ def _view(args: argparse.Namespace) -> int:
 
     out = _new_file(args.out, args.overwrite, (".html", ".htm"))
     try:
-        view = DocumentView(args.dataset, args.doc, args.window, qk=not args.no_qk)
+        view = DocumentView(args.dataset, args.doc, args.window, qk=not args.no_qk,
+                            layers=args.layers, heads=args.heads, top_k=args.top_k,
+                            force=args.force)
     except (KeyError, IndexError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(exc.args[0] if exc.args else str(exc)) from None
     atomic_write_bytes(out, view.html.encode("utf-8"))
     windows = view.payload["windows"]
     neuron = "with" if any(w["qk"] for w in windows) else "without"
+    thinned = view.payload["thinned"]
     print(f"wrote {out}: {len(windows)} window(s), {out.stat().st_size / 1e6:.1f} MB, "
-          f"{neuron} the neuron view")
+          f"{neuron} the neuron view" + (f"; thinned to {thinned}" if thinned else ""))
     return 0
 
 

@@ -13,10 +13,21 @@ from html import escape
 from pathlib import Path
 
 from pipelines.dataset.reader import Dataset
-from pipelines.views.data import QK_TABLE, view_data
-from pipelines.views.html import default_title, render_html, render_view
+from pipelines.views.data import QK_TABLE, Indices, select, view_data
+from pipelines.views.html import (
+    MAX_PAGE_BYTES,
+    WARN_PAGE_BYTES,
+    PageTooLarge,
+    check_page_size,
+    default_title,
+    log,
+    page_bytes,
+    render_html,
+    render_view,
+)
 
-__all__ = ["QK_TABLE", "DocumentView", "render_html", "render_view", "view_data"]
+__all__ = ["MAX_PAGE_BYTES", "QK_TABLE", "WARN_PAGE_BYTES", "DocumentView", "PageTooLarge",
+           "render_html", "render_view", "view_data"]
 
 
 class DocumentView:
@@ -26,10 +37,20 @@ class DocumentView:
     frame_height = 760
 
     def __init__(self, dataset: Dataset | str | Path, doc_id: str, window: int | None = None,
-                 title: str | None = None, qk: bool = True) -> None:
+                 title: str | None = None, qk: bool = True, *, layers: Indices = None,
+                 heads: Indices = None, top_k: int | None = None, force: bool = False,
+                 warn_bytes: int = WARN_PAGE_BYTES, max_bytes: int = MAX_PAGE_BYTES) -> None:
+        """``layers``/``heads`` (``"0,3-5"`` or integers) and ``top_k`` (weights per query row)
+        thin the page. A page estimated over ``warn_bytes`` is logged as a warning; over
+        ``max_bytes`` it raises :class:`PageTooLarge` unless ``force``."""
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
         self.doc_id, self.window, self.title = doc_id, window, title
-        self.payload = view_data(self.dataset, doc_id, window, qk)  # errors show up here, early
+        # errors (unknown document, window, layer or head; a page too large) show up here
+        selection = select(self.dataset, doc_id, window, qk, layers, heads, top_k)
+        #: The page size estimated from the rows selected, in bytes.
+        self.estimated_bytes = page_bytes(selection)
+        check_page_size(self.estimated_bytes, doc_id, warn_bytes, None if force else max_bytes)
+        self.payload = selection.payload()
 
     @cached_property
     def html(self) -> str:
@@ -40,6 +61,7 @@ class DocumentView:
         """Write the page to ``path`` (UTF-8) and return the path."""
         path = Path(path)
         path.write_text(self.html, encoding="utf-8")
+        log.info("wrote %s: %.1f MB", path, path.stat().st_size / 1e6)
         return path
 
     def _repr_html_(self) -> str:

@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from pipelines.dataset.reader import Dataset
-from pipelines.views.data import view_data
+from pipelines.views.data import Selection, view_data
+
+log = logging.getLogger("pipelines.views")
 
 #: The page may run its own inline script and styles and show data: images; nothing else
 #: (no network request of any kind).
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "img-src data: blob:")
+#: A page estimated above this many bytes is written with a warning giving its size and the
+#: thinning options. For scale: a 512-token window kept with topk:8 is a 3.2 MB page that
+#: draws in about 0.6 s; the same window with every weight (``--attention full``) is 201 MB,
+#: with 3.1 M lines per layer in the head view, and takes minutes to draw.
+WARN_PAGE_BYTES = 25_000_000
+#: Above this many bytes a page is refused unless forced (``--force``, ``force=True``): a
+#: browser could not even read its data, which the page parses as one JavaScript string, and
+#: Chromium's engine (V8) holds at most 2**29 - 24 characters (about 537 M) in one string.
+MAX_PAGE_BYTES = 500_000_000
+#: What thins a page, as the command line and Python name it.
+THIN_HINT = ("--layers, --heads and --top-k (e.g. --layers 0-1 --top-k 8; in Python "
+             "view(..., layers=, heads=, top_k=))")
+
+
+class PageTooLarge(ValueError):
+    """The page would be over the hard limit (:data:`MAX_PAGE_BYTES`) and was not forced."""
 
 _BODY = """<div id="hs-app">
 <header class="hs-top">
@@ -27,6 +46,7 @@ _BODY = """<div id="hs-app">
   <span id="hs-window-info" class="hs-meta"></span>
 </header>
 <div id="hs-error" class="hs-note" hidden></div>
+{thinned}
 <nav class="hs-tabs">
   <button type="button" class="hs-tab" data-tab="head" aria-selected="true">Head view</button>
   <button type="button" class="hs-tab" data-tab="model">Model view</button>
@@ -88,7 +108,7 @@ _BODY = """<div id="hs-app">
       <div class="nv-col nv-vec" id="hs-nv-phead">q &#215; k</div>
       <div class="nv-col nv-num">q&#183;k/&#8730;d</div>
       <div class="nv-col nv-num nv-sm">softmax</div>
-      <div class="nv-col nv-num">stored</div>
+      <div class="nv-col nv-num" id="hs-nv-stored-head">stored</div>
     </div>
     <div class="nv-body">
       <div class="nv-col nv-label" id="hs-nv-labels"></div>
@@ -118,10 +138,24 @@ def payload_json(payload: dict) -> str:
     return text.replace("<", "\\u003c")
 
 
+def thinned_note(payload: dict) -> str:
+    """The page's statement of what it leaves out of the dataset's weights ("" if nothing)."""
+    what = payload.get("thinned")
+    if not what:
+        return ""
+    mode = html.escape(str(payload.get("attention_mode", "")))
+    return (f'<p id="hs-thinned" class="hs-thinned"><b>Thinned view:</b> {html.escape(what)} '
+            f"(of the weights the dataset stored, attention {mode}); the rest is not in this "
+            "page.</p>")
+
+
 def render_html(payload: dict, title: str) -> str:
     """A complete HTML document showing ``payload`` (from :func:`view_data`)."""
-    body = _BODY.format(title=html.escape(title),
-                        mode=html.escape(str(payload.get("attention_mode", ""))))
+    mode = str(payload.get("attention_mode", ""))
+    if payload.get("top_k"):
+        mode += f"; on this page at most the top {payload['top_k']} per query"
+    body = _BODY.format(title=html.escape(title), thinned=thinned_note(payload),
+                        mode=html.escape(mode))
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -141,6 +175,31 @@ def render_html(payload: dict, title: str) -> str:
         "</html>",
         "",
     ])
+
+
+@cache
+def _shell_bytes() -> int:
+    """Size of a page without its data: markup, styles, script, a thinning note."""
+    return len(render_html({"thinned": "x" * 80}, "x" * 40).encode("utf-8"))
+
+
+def page_bytes(selection: Selection) -> int:
+    """Estimated size of the page of ``selection``, from the rows it holds."""
+    return _shell_bytes() + selection.data_bytes()
+
+
+def check_page_size(size: int, doc_id: str, warn_bytes: int = WARN_PAGE_BYTES,
+                    max_bytes: int | None = MAX_PAGE_BYTES) -> None:
+    """Refuse a page over ``max_bytes`` (None: no limit); warn about one over ``warn_bytes``."""
+    if max_bytes is not None and size > max_bytes:
+        raise PageTooLarge(
+            f"the page of document {doc_id!r} would be about {size / 1e6:.1f} MB, over the "
+            f"{max_bytes / 1e6:g} MB limit (a browser could not load its data); thin it with "
+            f"{THIN_HINT}, or force it (--force, force=True)")
+    if size > warn_bytes:
+        log.warning("the page of document %r will be about %.1f MB (over %g MB: slow to open "
+                    "and draw in a browser); thin it with %s", doc_id, size / 1e6,
+                    warn_bytes / 1e6, THIN_HINT)
 
 
 def default_title(payload: dict) -> str:

@@ -22,12 +22,15 @@ from test_views import (
     build_view_datasets,
     expected_lines,
     make_dataset,
+    thinned_rows,
     window_tables,
 )
 
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import WindowConfig
 from pipelines.views import DocumentView
+from pipelines.views.data import select
+from pipelines.views.html import page_bytes
 
 pytestmark = pytest.mark.browser
 
@@ -332,4 +335,80 @@ def test_512_token_document(watched: Watched, minilm: TorchBackend, tmp_path: Pa
     with capsys.disabled():
         print(f"\n512-token view, topk:8, 49152 lines: {json.dumps(figures)}")
     assert size < 15e6 and seconds < 5.0
+    watched.assert_clean()
+
+
+def test_thinned_page_offers_only_what_it_holds(watched: Watched, datasets: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """Layers 1 and 4, heads 2, 5 and 7, the top 2 weights per query: the selectors, the
+    model view and the neuron view offer only those, and every drawn line is a kept one."""
+    root = datasets["qk"]
+    view = DocumentView(root, "pair", layers="1,4", heads="2,5,7", top_k=2)
+    watched.open(view.save(tmp_path / "thin.html"))
+    page = watched.page
+    assert "layers 1,4 of 6; heads 2,5,7 of 12; top 2 keys per query" in page.text_content(
+        "#hs-thinned")
+    values = "els => els.map(e => e.value)"
+    assert page.eval_on_selector_all("#hs-layer option", values) == ["1", "4"]
+    heads = page.eval_on_selector_all("#hs-heads input[data-head]", "els => els.map(e => "
+                                      "+e.dataset.head)")
+    assert heads == [2, 5, 7]
+    kept = thinned_rows(root, "pair", {1, 4}, {2, 5, 7}, 2)
+    for layer in (1, 4):
+        page.select_option("#hs-layer", str(layer))
+        rows = kept[kept["layer"] == layer]
+        assert drawn_triples(page) == set(zip(rows["head"], rows["query"], rows["key"],
+                                              strict=True))
+        assert line_count(page) == len(rows) == 3 * len(window_tables(root, "pair", 0)[1]) * 2
+    page.click("#hs-heads button[data-heads='none']")
+    page.click("#hs-heads button[data-heads='all']")
+    assert {head for head, _, _ in drawn_triples(page)} == {2, 5, 7}
+    page.click(".hs-tab[data-tab='model']")
+    assert page.locator("canvas.hs-thumb").count() == 2 * 3
+    page.click("canvas.hs-thumb[data-layer='4'][data-head='5']")
+    head = kept[(kept["layer"] == 4) & (kept["head"] == 5)]
+    assert page.text_content("#hs-detail-stats").startswith(
+        f"{len(head)} weights shown (at most the top 2 per query)")
+    page.click(".hs-tab[data-tab='neuron']")
+    assert page.eval_on_selector_all("#hs-nv-layer option", values) == ["1", "4"]
+    assert page.eval_on_selector_all("#hs-nv-head option", values) == ["2", "5", "7"]
+    page.select_option("#hs-nv-layer", "4")
+    page.select_option("#hs-nv-head", "7")
+    page.select_option("#hs-nv-query", "3")
+    row = kept[(kept["layer"] == 4) & (kept["head"] == 7) & (kept["query"] == 3)]
+    stored = page.eval_on_selector_all(".nv-stored", "els => els.map(e => +e.dataset.k)")
+    assert sorted(stored) == sorted(row["key"].tolist()) and len(stored) == 2
+    probs = neuron_softmax(page)
+    for key, weight in zip(row["key"], row["weight"], strict=True):
+        # as in test_neuron_view_softmax_matches_stored_attention: the vectors of the shown
+        # layer and head, not those of another slot, give back the stored weight
+        assert probs[int(key)] == pytest.approx(float(weight), abs=1e-3)
+    watched.assert_clean()
+
+
+def test_thinned_512_token_full_window(watched: Watched, minilm: TorchBackend,
+                                       tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 512-token window stored with every weight (a 201 MB page, 3.1 M lines per layer),
+    thinned to two layers and the top 8 keys per query: small, and drawn in seconds."""
+    text = " ".join([LONG["text"]] * 20)
+    root = make_dataset(minilm, tmp_path / "full", [{"id": "big", "text": text}], "full",
+                        WindowConfig(max_length=512, truncate=True))
+    whole = page_bytes(select(root, "big"))
+    started = time.perf_counter()
+    view = DocumentView(root, "big", layers="0,3", top_k=8)
+    rendered = time.perf_counter() - started
+    path = view.save(tmp_path / "thin.html")
+    seconds = watched.open(path)
+    page = watched.page
+    assert line_count(page) == 512 * 8 * 12
+    kept = thinned_rows(root, "big", {0, 3}, set(range(12)), 8)
+    page.select_option("#hs-layer", "3")
+    rows = kept[kept["layer"] == 3]
+    assert drawn_triples(page) == set(zip(rows["head"], rows["query"], rows["key"], strict=True))
+    figures = {"full_page_mb": round(whole / 1e6, 1),
+               "thinned_html_mb": round(path.stat().st_size / 1e6, 2),
+               "thin_python_s": round(rendered, 3), "navigation_to_drawn_s": round(seconds, 3)}
+    with capsys.disabled():
+        print(f"\n512-token full window, layers 0,3, top 8: {json.dumps(figures)}")
+    assert whole > 150e6 and path.stat().st_size < 2e6 and seconds < 5.0
     watched.assert_clean()

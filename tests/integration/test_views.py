@@ -7,13 +7,16 @@ shared with the browser tests in ``test_views_browser.py``.
 from __future__ import annotations
 
 import html
+import itertools
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,8 +26,15 @@ from pipelines.api import Dataset
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.jobs.local import run_job
-from pipelines.views import DocumentView, render_html, render_view, view_data
-from pipelines.views.data import unb64
+from pipelines.views import (
+    WARN_PAGE_BYTES,
+    DocumentView,
+    PageTooLarge,
+    render_html,
+    render_view,
+    view_data,
+)
+from pipelines.views.data import Thinning, build_payload, unb64
 from pipelines.views.html import asset, payload_json
 
 PAIR = {"id": "pair", "text": "The cat sat on the mat.", "text_pair": "It was happy, so it slept."}
@@ -164,7 +174,9 @@ def test_payload_describes_model_and_windows(main: Path) -> None:
     manifest = Dataset.open(main).manifest
     documents = pd.read_parquet(main / "documents", filters=[("doc_id", "==", "long")])
     payload = view_data(Dataset.open(main), "long")
-    assert payload["format"] == "headscope-view/1" and payload["doc_id"] == "long"
+    assert payload["format"] == "headscope-view/2" and payload["doc_id"] == "long"
+    assert (payload["layers"], payload["heads"]) == (list(range(6)), list(range(12)))
+    assert payload["top_k"] is None and payload["thinned"] is None
     assert payload["model"] == {"name": "minilm", "family": "bert", "num_layers": 6,
                                 "num_heads": 12, "causal": False}
     assert payload["model"]["num_layers"] == manifest["model"]["num_layers"]
@@ -197,11 +209,11 @@ def test_payload_tokens_and_weights_match_tables(main: Path, doc_id: str) -> Non
 
 
 def test_payload_is_compact(main: Path) -> None:
-    """Ten bytes per weight before base64 (uint16 query and key, float32 weight)."""
+    """Eight bytes per weight before base64 (uint16 query and key, float32 weight)."""
     win = view_data(main, "long", window=0)["windows"][0]
     att = win["attention"]
     size = sum(len(att[name]) for name in ("query", "key", "weight"))
-    assert size <= 4 * -(-10 * att["count"] // 3) + 12
+    assert size <= 4 * -(-8 * att["count"] // 3) + 12
 
 
 def test_one_window(main: Path) -> None:
@@ -433,3 +445,197 @@ def test_dataset_view_displays_inline(datasets: dict[str, Path]) -> None:
     assert view._repr_html_().startswith("<iframe srcdoc=")
     summary = ds._repr_html_()
     assert "attention topk:4" in summary and "<td>head_stats</td>" in summary
+
+
+# --- thinning and page size ------------------------------------------------------------------
+
+#: 192 tokens of ``full`` weights: a 28 MB page, over the 25 MB warning threshold.
+BIG = {"id": "big", "text": " ".join([LONG["text"]] * 8)}
+
+
+@pytest.fixture(scope="module")
+def full(minilm: TorchBackend, gpt2: TorchBackend,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``--attention full`` datasets: MiniLM over one 192-token window, the causal GPT-2."""
+    folder = tmp_path_factory.mktemp("full")
+    return {"minilm": make_dataset(minilm, folder / "minilm", [BIG], "full",
+                                   WindowConfig(max_length=192, truncate=True)),
+            "gpt2": make_dataset(gpt2, folder / "gpt2", [PLAIN], "full")}
+
+
+def thinned_rows(root: Path, doc_id: str, layers: set[int], heads: set[int],
+                 top_k: int | None) -> pd.DataFrame:
+    """The stored weights a thinned view keeps, with pandas: the shown layers and heads and,
+    per (window, layer, head, query), the ``top_k`` largest weights (ties: the smaller key)."""
+    att = pd.read_parquet(root / "attention", filters=[("doc_id", "==", doc_id)])
+    att = att[att["layer"].isin(layers) & att["head"].isin(heads)]
+    if top_k is not None:
+        att = att.sort_values(["weight", "key"], ascending=[False, True])
+        att = att.groupby(["window", "layer", "head", "query"]).head(top_k)
+    columns = {"window": int, "layer": int, "head": int, "query": int, "key": int,
+               "weight": np.float32}
+    att = att[list(columns)].astype(columns)
+    return att.sort_values(list(columns)[:5]).reset_index(drop=True)
+
+
+THIN_CASES = [  # dataset, document, layers, heads, top_k, layers and heads shown
+    ("main", "long", "1,3-4", "0,11", 2, {1, 3, 4}, {0, 11}),
+    ("minilm", "big", "0,3-5", "0-3", 8, {0, 3, 4, 5}, {0, 1, 2, 3}),
+    ("minilm", "big", [2], None, None, {2}, set(range(12))),
+    ("gpt2", "plain", None, "1-2", 3, {0, 1, 2}, {1, 2}),  # causal: early rows have < 3 keys
+]
+
+
+@pytest.mark.parametrize(("name", "doc_id", "layers", "heads", "top_k", "want_layers",
+                          "want_heads"), THIN_CASES)
+def test_thinning_keeps_exactly_the_chosen_weights(
+        datasets: dict[str, Path], full: dict[str, Path], name: str, doc_id: str,
+        layers: str | list[int] | None, heads: str | None, top_k: int | None,
+        want_layers: set[int], want_heads: set[int]) -> None:
+    root = {**datasets, **full}[name]
+    payload = view_data(root, doc_id, layers=layers, heads=heads, top_k=top_k)
+    model = payload["model"]
+    assert (set(payload["layers"]), set(payload["heads"])) == (want_layers, want_heads)
+    assert payload["top_k"] == top_k
+    want = thinned_rows(root, doc_id, want_layers, want_heads, top_k)
+    got = pd.concat([decode_weights(w["attention"], model["num_layers"], model["num_heads"])
+                     .assign(window=w["window"]) for w in payload["windows"]])
+    got = got[want.columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    if name == "minilm" and top_k:
+        assert len(got) == len(want_layers) * len(want_heads) * 192 * top_k
+
+
+def test_top_k_breaks_ties_by_key_in_any_row_order(main: Path) -> None:
+    """Rows not in key order, equal weights: the smaller key wins."""
+    weights = pa.table({"window": pa.array([0] * 5, pa.uint16()),
+                        "layer": pa.array([1] * 5, pa.uint8()),
+                        "head": pa.array([2] * 5, pa.uint8()),
+                        "query": pa.array([0] * 5, pa.uint16()),
+                        "key": pa.array([3, 1, 4, 2, 0], pa.uint16()),
+                        "weight": pa.array([0.5, 0.125, 0.25, 0.125, 0.125], pa.float32())})
+    docs = [{"window": 0, "n_windows": 1, "token_start": 0, "token_end": 5, "n_tokens": 5}]
+    tokens = pa.table({"window": [0] * 5, "position": range(5), "token": list("abcde"),
+                       "segment": [0] * 5, "is_special": [False] * 5})
+    model = {"num_layers": 2, "num_heads": 3, "causal": False}
+    thin = Thinning.of(model, top_k=3)
+    payload = build_payload(model, "topk:8", "d", docs, tokens, weights, None, thin)
+    got = decode_weights(payload["windows"][0]["attention"], 2, 3)
+    assert got["key"].tolist() == [0, 3, 4] and payload["thinned"] == "top 3 keys per query"
+
+
+def test_thinned_query_key_vectors(datasets: dict[str, Path]) -> None:
+    """The neuron view's vectors of the shown layers and heads only, in their order."""
+    root = datasets["qk"]
+    payload = view_data(root, "long", layers="1,4", heads="7,2,5")
+    assert (payload["layers"], payload["heads"]) == ([1, 4], [2, 5, 7])
+    table = pd.read_parquet(root / "qk", filters=[("doc_id", "==", "long")])
+    for win in payload["windows"]:
+        n, dim = win["n_tokens"], win["qk"]["dim"]
+        query = unb64(win["qk"]["query"], "<f4").reshape(2, 3, n, dim)
+        key = unb64(win["qk"]["key"], "<f4").reshape(2, 3, n, dim)
+        rows = table[table["window"] == win["window"]]
+        for (i, layer), (j, head) in itertools.product(enumerate([1, 4]), enumerate([2, 5, 7])):
+            mine = rows[(rows["layer"] == layer) & (rows["head"] == head)].sort_values("position")
+            np.testing.assert_array_equal(query[i, j], np.stack(mine["query"]))
+            np.testing.assert_array_equal(key[i, j], np.stack(mine["key"]))
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"layers": "0,6"}, "layer 6 is out of range; the model has 6 layers, 0–5"),
+    ({"layers": [7, 8]}, "layers 7, 8 are out of range; the model has 6 layers, 0–5"),
+    ({"heads": "0-12"}, "head 12 is out of range; the model has 12 heads, 0–11"),
+    ({"heads": "3-1"}, "the range 3-1 runs backwards"),
+    ({"layers": "one"}, "use indices and ranges such as '0,3-5'"),
+    ({"layers": []}, "no layer given; the model has 6 layers, 0–5"),
+    ({"top_k": 0}, "top_k 0: use a positive number"),
+])
+def test_invalid_thinning_names_the_valid_range(main: Path, options: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        view_data(main, "pair", **options)
+
+
+def test_page_states_what_was_thinned(main: Path) -> None:
+    view = DocumentView(main, "pair", layers="0,3-5", heads="0-3", top_k=2)
+    said = "layers 0,3–5 of 6; heads 0–3 of 12; top 2 keys per query"
+    assert view.payload["thinned"] == said
+    note = re.search(r'<p id="hs-thinned"[^>]*>(.*?)</p>', view.html, re.S)
+    assert note and said in note.group(1) and "attention topk:4" in note.group(1)
+    assert 'id="hs-thinned"' not in DocumentView(main, "pair").html
+    every = DocumentView(main, "pair", layers="0-5", heads=range(12))  # all: nothing thinned
+    assert every.payload["thinned"] is None and 'id="hs-thinned"' not in every.html
+
+
+@pytest.mark.parametrize(("name", "doc_id", "options"), [
+    ("minilm", "big", {}), ("minilm", "big", {"layers": "1", "top_k": 4}),
+    ("qk", "long", {"heads": "0-5"}), ("main", "pair", {})])
+def test_page_size_estimate(datasets: dict[str, Path], full: dict[str, Path], name: str,
+                            doc_id: str, options: dict) -> None:
+    """The estimate from the rows selected is within 1% of the page written."""
+    view = DocumentView({**datasets, **full}[name], doc_id, **options)
+    assert view.estimated_bytes == pytest.approx(len(view.html.encode("utf-8")), rel=0.01)
+
+
+def test_large_page_warns_and_a_too_large_one_is_refused(
+        main: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipelines.views"):
+        view = DocumentView(main, "long", warn_bytes=50_000)
+    (record,) = caplog.records
+    size = view.estimated_bytes / 1e6
+    assert f"the page of document 'long' will be about {size:.1f} MB (over 0.05 MB" in (
+        record.getMessage())
+    assert "--layers, --heads and --top-k" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.views"):
+        DocumentView(main, "long", warn_bytes=50_000, layers="0", top_k=1)
+    assert caplog.records == []  # thinned below the threshold
+    with pytest.raises(PageTooLarge, match=rf"about {size:.1f} MB, over the 0.05 MB limit"):
+        DocumentView(main, "long", max_bytes=50_000)
+    assert DocumentView(main, "long", max_bytes=50_000, force=True).payload["doc_id"] == "long"
+
+
+def test_cli_thins_and_warns_about_a_large_page(full: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / "big.html"
+    with caplog.at_level(logging.INFO):
+        assert main(["view", str(full["minilm"]), "--doc", "big", "--out", str(out)]) == 0
+    size = out.stat().st_size
+    assert size > WARN_PAGE_BYTES
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"will be about {size / 1e6:.1f} MB" in warned[0]
+    assert f"wrote {out}: 1 window(s), {size / 1e6:.1f} MB" in capsys.readouterr().out
+    caplog.clear()
+    assert main(["view", str(full["minilm"]), "--doc", "big", "--out", str(out), "--overwrite",
+                 "--layers", "0,3-5", "--heads", "0-3", "--top-k", "8"]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    said = "layers 0,3–5 of 6; heads 0–3 of 12; top 8 keys per query"
+    assert capsys.readouterr().out.endswith(f"without the neuron view; thinned to {said}\n")
+    payload = embedded_payload(out.read_text())
+    assert payload["thinned"] == said and payload["windows"][0]["attention"]["count"] == (
+        4 * 4 * 192 * 8)
+    assert out.stat().st_size < size / 40
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--layers", "0,9"], "layers '0,9': layer 9 is out of range; the model has 6 layers, 0–5"),
+    (["--heads", "0-12"], "heads '0-12': head 12 is out of range; the model has 12 heads, 0–11"),
+    (["--layers", "2-x"], "use indices and ranges such as '0,3-5'"),
+    (["--top-k", "0"], "top_k 0: use a positive number"),
+])
+def test_cli_invalid_thinning_exits_2(datasets: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture, args: list[str],
+                                      says: str) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / "view.html"
+    assert main(["view", str(datasets["main"]), "--doc", "pair", "--out", str(out), *args]) == 2
+    assert says in capsys.readouterr().err and not out.exists()
+
+
+def test_dataset_view_thins(datasets: dict[str, Path]) -> None:
+    view = Dataset.open(datasets["main"]).view("pair", layers="2", heads=[0, 5], top_k=1)
+    assert view.payload == view_data(datasets["main"], "pair", layers=[2], heads="0,5", top_k=1)
+    assert view.payload["thinned"] == "layers 2 of 6; heads 0,5 of 12; top 1 key per query"

@@ -1,7 +1,8 @@
 /* headscope attention views: head, model and neuron view of one document.
  *
  * The payload (script#hs-payload) holds every window as base64 arrays; a window is decoded the
- * first time it is shown and only the current window is drawn.
+ * first time it is shown and only the current window is drawn. A thinned payload shows only
+ * some layers and heads (payload.layers, payload.heads): the selectors offer only those.
  */
 (function () {
   'use strict';
@@ -11,6 +12,12 @@
   const L = payload.model.num_layers;
   const H = payload.model.num_heads;
   const CAUSAL = payload.model.causal;
+  const range = (n) => Array.from({ length: n }, (_, i) => i);
+  const LAYERS = payload.layers || range(L); // the layers and heads this page holds
+  const HEADS = payload.heads || range(H);
+  const TOP_K = payload.top_k || null; // at most this many weights per query row
+  const LAYER_AT = new Map(LAYERS.map((l, i) => [l, i]));
+  const HEAD_AT = new Map(HEADS.map((h, i) => [h, i]));
 
   const ROW = 18; // px per token row in the head view
   const TOP = 30; // px above the first row (column titles)
@@ -28,12 +35,12 @@
   const state = {
     win: 0,
     tab: 'head',
-    layer: 0,
-    heads: new Array(H).fill(true),
+    layer: LAYERS[0],
+    heads: range(H).map((h) => HEAD_AT.has(h)),
     filter: 'all',
     hideSpecial: false,
-    model: { layer: 0, head: 0 },
-    neuron: { layer: 0, head: 0, query: -1 },
+    model: { layer: LAYERS[0], head: HEADS[0] },
+    neuron: { layer: LAYERS[0], head: HEADS[0], query: -1 },
     layout: null, // rows of the drawn head view, for hovering
   };
   const dirty = { head: true, model: true, neuron: true };
@@ -98,7 +105,6 @@
   const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ESC[c]);
   const clip = (s, n) => (s.length > n ? `${s.slice(0, n - 1)}…` : s);
-  const range = (n) => Array.from({ length: n }, (_, i) => i);
   const options = (values, label) =>
     values.map((v) => `<option value="${v}">${esc(label(v))}</option>`).join('');
 
@@ -127,7 +133,7 @@
 
   function headLines(d, layout, x1, x2, y) {
     const out = [];
-    for (let h = 0; h < H; h++) {
+    for (const h of HEADS) {
       if (!state.heads[h]) continue;
       const [a, b] = span(d, state.layer, h);
       const colour = COLOURS[h];
@@ -221,7 +227,7 @@
     const other = side === 'q' ? 'k' : 'q';
     const parts = [];
     const partners = new Set();
-    for (let h = 0; h < H; h++) {
+    for (const h of HEADS) {
       if (!state.heads[h]) continue;
       const [a, b] = span(d, state.layer, h);
       for (let r = a; r < b; r++) {
@@ -246,7 +252,7 @@
   }
 
   function initHead() {
-    $('hs-layer').innerHTML = options(range(L), (l) => `layer ${l}`);
+    $('hs-layer').innerHTML = options(LAYERS, (l) => `layer ${l}`);
     $('hs-layer').addEventListener('change', (e) => {
       state.layer = Number(e.target.value);
       redraw('head');
@@ -271,10 +277,10 @@
 
   function initHeadToggles() {
     const box = $('hs-heads');
-    box.innerHTML = COLOURS.map((c, h) =>
+    box.innerHTML = HEADS.map((h) =>
       `<label class="hs-head-toggle" title="head ${h} (double-click: only this head)">` +
       `<input type="checkbox" data-head="${h}" checked>` +
-      `<span class="hs-swatch" style="background:${c}"></span>${h}</label>`).join('') +
+      `<span class="hs-swatch" style="background:${COLOURS[h]}"></span>${h}</label>`).join('') +
       '<button type="button" data-heads="all">all heads</button>' +
       '<button type="button" data-heads="none">none</button>';
     const sync = () => {
@@ -291,7 +297,7 @@
     box.addEventListener('click', (e) => {
       const which = e.target.dataset && e.target.dataset.heads;
       if (!which) return;
-      state.heads.fill(which === 'all');
+      for (const h of HEADS) state.heads[h] = which === 'all';
       sync();
     });
     box.addEventListener('dblclick', (e) => {
@@ -333,11 +339,11 @@
   function drawModel() {
     const d = windowData(state.win);
     const grid = $('hs-model-grid');
-    grid.style.gridTemplateColumns = `auto repeat(${H}, ${THUMB + 2}px)`;
-    let html = '<span></span>' + range(H).map((h) => `<span class="hs-mhead">${h}</span>`).join('');
-    for (let l = 0; l < L; l++) {
+    grid.style.gridTemplateColumns = `auto repeat(${HEADS.length}, ${THUMB + 2}px)`;
+    let html = '<span></span>' + HEADS.map((h) => `<span class="hs-mhead">${h}</span>`).join('');
+    for (const l of LAYERS) {
       html += `<span class="hs-mlabel">layer ${l}</span>`;
-      html += range(H).map((h) => `<canvas class="hs-thumb" data-layer="${l}" data-head="${h}" ` +
+      html += HEADS.map((h) => `<canvas class="hs-thumb" data-layer="${l}" data-head="${h}" ` +
         `title="layer ${l}, head ${h}"></canvas>`).join('');
     }
     grid.innerHTML = html;
@@ -367,7 +373,8 @@
     const [a, b] = span(d, layer, head);
     const top = range(b - a).map((i) => a + i).sort((x, y) => d.weight[y] - d.weight[x]);
     const toks = d.w.tokens;
-    $('hs-detail-stats').textContent = `${(b - a).toLocaleString()} stored weights; rows are ` +
+    const what = TOP_K ? `weights shown (at most the top ${TOP_K} per query)` : 'stored weights';
+    $('hs-detail-stats').textContent = `${(b - a).toLocaleString()} ${what}; rows are ` +
       'queries, columns keys (colour: √weight). Strongest:';
     $('hs-detail-top').innerHTML = top.slice(0, 5).map((r) =>
       `<li>${esc(toks[d.query[r]])} → ${esc(toks[d.key[r]])}: ${d.weight[r].toFixed(3)}</li>`)
@@ -387,7 +394,8 @@
       if (d.query[r] === q && d.key[r] === k) weight = d.weight[r];
     }
     const toks = d.w.tokens;
-    const value = weight === null ? 'not stored' : weight.toFixed(4);
+    const missing = TOP_K ? `not stored, or not in the top ${TOP_K}` : 'not stored';
+    const value = weight === null ? missing : weight.toFixed(4);
     $('hs-detail-readout').textContent =
       `query ${q} “${toks[q]}” → key ${k} “${toks[k]}”: ${value}`;
   }
@@ -419,7 +427,7 @@
    *  over the keys it may see. */
   function scores(qk, n, layer, head, q) {
     const dim = qk.dim;
-    const base = (layer * H + head) * n * dim;
+    const base = (LAYER_AT.get(layer) * HEADS.length + HEAD_AT.get(head)) * n * dim;
     const qv = qk.q.subarray(base + q * dim, base + (q + 1) * dim);
     const dot = new Float64Array(n);
     const prob = new Float64Array(n);
@@ -536,8 +544,9 @@
   }
 
   function initNeuron() {
-    $('hs-nv-layer').innerHTML = options(range(L), (l) => `layer ${l}`);
-    $('hs-nv-head').innerHTML = options(range(H), (h) => `head ${h}`);
+    $('hs-nv-layer').innerHTML = options(LAYERS, (l) => `layer ${l}`);
+    $('hs-nv-head').innerHTML = options(HEADS, (h) => `head ${h}`);
+    if (TOP_K) $('hs-nv-stored-head').textContent = `stored (top ${TOP_K})`;
     const bind = (id, field) => $(id).addEventListener('change', (e) => {
       state.neuron[field] = Number(e.target.value);
       redraw('neuron');
