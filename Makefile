@@ -58,11 +58,12 @@ bench: setup
 	$(BIN)/python benchmarks/factors.py
 	$(BIN)/python benchmarks/factors_demo.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/integer_columns.py
 
 # Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
 # (about 4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
 SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver factors \
-                    factors_demo serve_load
+                    factors_demo serve_load integer_columns
 bench-smoke: setup
 	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \
 	  echo "== benchmarks/$$name.py --smoke"; start=$$(date +%s); \

@@ -39,7 +39,7 @@ from pipelines.config import AttentionMode, ConfigError, WindowConfig
 from pipelines.dataset import manifest as manifests
 from pipelines.dataset import schema
 from pipelines.dataset.tables import concat
-from pipelines.dataset.writer import append_parts
+from pipelines.dataset.writer import OutputError, append_parts
 from pipelines.models import ModelInfo, load_tokenizer
 from pipelines.text.tokenize import Window, Windower
 from pipelines.version import __version__
@@ -404,8 +404,11 @@ class Ingress:
             "input": {"source": "http"},
         }
         part = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        append_parts(root, part, tables, manifest,
-                     {name: spec.row_group_rows for name, spec in registry.table_specs().items()})
+        try:
+            append_parts(root, part, tables, manifest, {
+                name: spec.row_group_rows for name, spec in registry.table_specs().items()})
+        except OutputError as exc:  # a folder of an older format: refuse to mix schemas
+            raise ApiError(409, f"store: {exc}") from None
 
 
 def build(args: dict) -> serve.Application:

@@ -54,8 +54,8 @@ def _qk_table(batch: Batch, captured: list[QueryKey]) -> tuple[pa.Table, np.ndar
         flat = pa.array(rows.cpu().numpy().ravel(), pa.float32())
         return pa.FixedSizeListArray.from_arrays(flat, dim)
 
-    columns = {**key_columns(batch.windows, owner), "layer": layer.astype(np.uint8),
-               "head": head.astype(np.uint8), "position": position.astype(np.uint16),
+    columns = {**key_columns(batch.windows, owner), "layer": layer.astype(np.int32),
+               "head": head.astype(np.int32), "position": position.astype(np.int32),
                "query": vectors(queries), "key": vectors(keys), "scale": scale[layer]}
     return pa.table(columns, schema=schema.qk_schema(dim)), owner
 
@@ -111,7 +111,7 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
         state.add(context)
     if rank is None:
         return {name: table for name, (table, _) in owned.items()}
-    return {name: table.append_column("_rank", pa.array(rank[owner].astype(np.uint32)))
+    return {name: table.append_column("_rank", pa.array(rank[owner]))
             for name, (table, owner) in owned.items()}
 
 

@@ -21,14 +21,15 @@ from pipelines.backends.head_mask import HeadMask
 from pipelines.backends.torch.ablation import AblationModel
 from pipelines.backends.torch.hooks import disabled_heads
 from pipelines.config import ConfigError
+from pipelines.dataset.schema import INDEX
 from pipelines.text.tokenize import Window
 
 #: Name of the table :func:`head_importance` returns.
 TABLE = "head_importance"
 HEAD_IMPORTANCE = pa.schema([
     ("disabled", pa.string()),  # the disabled heads as HeadMask text, e.g. "3.5" or "3.5,3.7"
-    ("layer", pa.uint8()),  # filled when exactly one head is disabled, else null
-    ("head", pa.uint8()),
+    ("layer", INDEX),  # filled when exactly one head is disabled, else null
+    ("head", INDEX),
     ("metric", pa.string()),
     ("baseline", pa.float64()),
     ("ablated", pa.float64()),

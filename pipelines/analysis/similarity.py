@@ -35,10 +35,10 @@ def similarity_table(similarity: HeadSimilarity) -> pa.Table:
     size = similarity.num_layers * heads
     first, second = np.divmod(np.arange(size * size), size)
     return pa.table({
-        "layer_a": pa.array(first // heads, pa.uint8()),
-        "head_a": pa.array(first % heads, pa.uint8()),
-        "layer_b": pa.array(second // heads, pa.uint8()),
-        "head_b": pa.array(second % heads, pa.uint8()),
+        "layer_a": pa.array(first // heads, schema.INDEX),
+        "head_a": pa.array(first % heads, schema.INDEX),
+        "layer_b": pa.array(second // heads, schema.INDEX),
+        "head_b": pa.array(second % heads, schema.INDEX),
         "js_distance": pa.array(similarity.distance().reshape(-1).astype(np.float32)),
         "n_rows": pa.array(np.full(size * size, similarity.rows, np.int64)),
     })

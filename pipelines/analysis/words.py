@@ -24,7 +24,7 @@ from pipelines.compute.kept import kept_weights
 from pipelines.compute.stats import row_order
 from pipelines.compute.words import word_attention
 from pipelines.config import RunConfig
-from pipelines.dataset.schema import KEY_FIELDS, TableSpec, weight_type
+from pipelines.dataset.schema import INDEX, KEY_FIELDS, SEGMENT, TableSpec, weight_type
 from pipelines.dataset.tables import key_columns
 from pipelines.text.tokenize import Window
 
@@ -33,18 +33,18 @@ __all__ = ["ANALYSIS", "WORDS", "word_attention_schema", "word_attention_table",
 
 WORDS = pa.schema([
     ("doc_id", pa.string()),
-    ("window", pa.uint16()),
-    ("word", pa.uint16()),
-    ("token_start", pa.uint16()),  # first position of the word in the window
-    ("token_end", pa.uint16()),  # one past its last position
+    ("window", INDEX),
+    ("word", INDEX),
+    ("token_start", INDEX),  # first position of the word in the window
+    ("token_end", INDEX),  # one past its last position
     ("text", pa.string()),
-    ("segment", pa.uint8()),
+    ("segment", SEGMENT),
     ("is_special", pa.bool_()),
 ])
 
 
 def word_attention_schema(full: bool) -> pa.Schema:
-    return pa.schema(KEY_FIELDS + [("query_word", pa.uint16()), ("key_word", pa.uint16()),
+    return pa.schema(KEY_FIELDS + [("query_word", INDEX), ("key_word", INDEX),
                                    ("weight", weight_type(full))])
 
 
@@ -69,10 +69,10 @@ def words_table(windows: list[Window]) -> pa.Table:
             rows["doc_id"].append(window.doc.doc_id)
             rows["window"].append(window.window)
             rows["word"].append(index)
-            rows["token_start"].append(start)
-            rows["token_end"].append(end)
+            rows["token_start"].append(int(start))
+            rows["token_end"].append(int(end))
             rows["text"].append(_surface(window, int(start), int(end)))
-            rows["segment"].append(window.segment[start])
+            rows["segment"].append(int(window.segment[start]))
             rows["is_special"].append(bool(window.is_special[start]))
     return pa.table(rows, schema=WORDS)
 

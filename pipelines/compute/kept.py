@@ -65,9 +65,9 @@ def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: At
     rows = index.cpu().numpy()
     return {  # rows in (batch, layer, head, query, key) order
         "batch_index": rows[:, 0],
-        "layer": rows[:, 1].astype(np.uint8),
-        "head": rows[:, 2].astype(np.uint8),
-        "query": rows[:, 3].astype(np.uint16),
-        "key": rows[:, 4].astype(np.uint16),
+        "layer": rows[:, 1].astype(np.int32),  # signed, as every integer column is stored
+        "head": rows[:, 2].astype(np.int32),
+        "query": rows[:, 3].astype(np.int32),
+        "key": rows[:, 4].astype(np.int32),
         "weight": weights.cpu().numpy().astype(np.float16 if mode.kind == "full" else np.float32),
     }

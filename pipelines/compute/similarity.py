@@ -43,8 +43,8 @@ class HeadSimilarity:
     """
 
     def __init__(self, num_layers: int, num_heads: int, *, chunk_cells: int = CHUNK_CELLS) -> None:
-        if not (0 < num_layers <= 256 and 0 < num_heads <= 256):
-            raise ValueError("layers and heads must be in 1..256 (they are stored as uint8)")
+        if num_layers < 1 or num_heads < 1:
+            raise ValueError(f"{num_layers} layers × {num_heads} heads: both must be positive")
         self.num_layers, self.num_heads = num_layers, num_heads
         self.chunk_cells = chunk_cells
         size = num_layers * num_heads

@@ -13,17 +13,15 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from pipelines.dataset.formats import (  # noqa: F401  (the writers import them from here)
+    ABLATION_FORMAT,
+    DATASET_FORMAT,
+    FACTOR_CODES_FORMAT,
+    FACTORS_FORMAT,
+    UNSIGNED_FORMATS,
+)
 from pipelines.models import ModelInfo
 from pipelines.version import STATS_VERSION, __version__
-
-#: A dataset folder (corpus job, service store): documents, tokens, head_stats, attention...
-DATASET_FORMAT = "headscope-dataset/1"
-#: ``headscope ablate`` output: a head_importance table.
-ABLATION_FORMAT = "headscope-ablation/1"
-#: ``headscope factors train`` output: a dictionary of transformer factors.
-FACTORS_FORMAT = "headscope-factors/1"
-#: ``headscope factors apply`` output: factor codes of a corpus.
-FACTOR_CODES_FORMAT = "headscope-factor-codes/1"
 
 #: The model fields a corpus dataset records.
 DATASET_MODEL_FIELDS = ("name", "path", "family", "model_type", "config_hash", "num_layers",

@@ -3,6 +3,10 @@
 Every table is a folder of Parquet parts, so plain pandas works too::
 
     pd.read_parquet("out/head_stats", filters=[("layer", "==", 3)])
+
+A dataset of format 1 (unsigned integer columns) reads with the signed types of format 2, so
+``key - query`` and ``layer - 1`` mean the same whichever headscope wrote it; plain pandas
+gives such a dataset's stored, unsigned types.
 """
 
 from __future__ import annotations
@@ -15,6 +19,20 @@ from typing import Self
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipelines.dataset.formats import (
+    ABLATION_FORMAT,
+    DATASET_FORMAT,
+    FACTOR_CODES_FORMAT,
+    UNSIGNED_FORMATS,
+)
+from pipelines.dataset.schema import signed_schema
+from pipelines.version import __version__
+
+#: The formats whose tables read as they are stored.
+CURRENT_FORMATS = (DATASET_FORMAT, ABLATION_FORMAT, FACTOR_CODES_FORMAT)
 
 
 @dataclass
@@ -28,11 +46,18 @@ class Dataset:
         root = Path(root)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not a headscope dataset (no manifest.json)")
+        _unsigned(root, json.loads((root / "manifest.json").read_text()))  # a known format
         return cls(root)
 
     @property
     def manifest(self) -> dict:
         return json.loads((self.root / "manifest.json").read_text())
+
+    @property
+    def unsigned(self) -> bool:
+        """Whether the dataset stored its integer columns unsigned (format 1; they read as
+        signed); raises ValueError for a format this reader does not know."""
+        return _unsigned(self.root, self.manifest)
 
     def table(self, name: str, filters: list | None = None,
               columns: list[str] | None = None) -> pd.DataFrame:
@@ -41,6 +66,8 @@ class Dataset:
                          if p.is_dir() and not p.name.startswith(("_", ".")))
         if name not in present:
             raise KeyError(f"no table {name!r} in {self.root}; tables: {', '.join(present)}")
+        if self.unsigned:
+            return _read_signed(self.root / name, filters, columns)
         return pd.read_parquet(self.root / name, filters=filters, columns=columns)
 
     def head_stats(self, **equals: object) -> pd.DataFrame:
@@ -77,6 +104,29 @@ class Dataset:
                 f"{html.escape(str(manifest.get('status')))}"
                 f"<table>{rows}</table><code>pipelines.Dataset.open(root).view(doc_id)</code> "
                 "shows a document.")
+
+
+def _unsigned(root: Path, manifest: dict) -> bool:
+    """Whether ``manifest``'s format stored integer columns unsigned; ValueError if unknown."""
+    found = manifest.get("format")
+    if found in UNSIGNED_FORMATS:
+        return True
+    if found in CURRENT_FORMATS:
+        return False
+    raise ValueError(f"{root}: format {found!r}, which headscope {__version__} does not read; "
+                     f"it reads {', '.join([*CURRENT_FORMATS, *UNSIGNED_FORMATS])}")
+
+
+def _read_signed(folder: Path, filters: list | None, columns: list[str] | None) -> pd.DataFrame:
+    """A format 1 table with each unsigned integer column cast to its signed type, in the
+    Parquet scan (filters see the signed values; a value that does not fit is an error)."""
+    stored = pads.dataset(folder, format="parquet").schema
+    try:
+        return pd.read_parquet(folder, filters=filters, columns=columns,
+                               schema=signed_schema(stored))
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{folder}: a format 1 (unsigned) column does not fit its signed "
+                         f"type: {exc}; pandas.read_parquet reads the stored types") from exc
 
 
 def _equals(values: dict[str, object]) -> list[tuple[str, str, object]]:

@@ -5,6 +5,13 @@ A :class:`TableSpec` says how one table is stored: its schema (or a factory, whe
 depends on the job), its sort keys (row groups follow them, so filters prune), its row-group
 size, and whether it has ``layer``/``head`` columns. The core tables are specified here; each
 analysis declares its own tables next to its code (``pipelines/analysis/``).
+
+Integer columns are signed, in every table headscope writes (``tests/unit/dataset/
+test_integer_columns.py`` walks every schema): users subtract them (``key - query``,
+``layer - 1``), which wraps around in an unsigned type, and torch takes a uint8 column for a
+boolean mask. :data:`INDEX` (int32) for positions, windows, layers, heads, token ids and other
+indices; :data:`SEGMENT` (int8) for the 0/1 segment; int64 for counts that may grow with a
+corpus. Format 1 datasets stored them unsigned; :func:`signed_schema` is how they read now.
 """
 
 from __future__ import annotations
@@ -16,15 +23,22 @@ import pyarrow as pa
 
 from pipelines.compute.stats import STAT_NAMES
 
+#: Positions, query/key, windows, token counts and ids, layers and heads, words, factors.
+#: int32, not int16, for layers and heads too: torch indexes with int32 and int64 only, and
+#: NumPy keeps int16 arithmetic such as ``layer * heads * n`` in int16, where it wraps.
+INDEX = pa.int32()
+#: 0 for the text, 1 for the text pair.
+SEGMENT = pa.int8()
+
 DOCUMENTS = pa.schema([
     ("doc_id", pa.string()),
     ("source", pa.string()),
     ("source_line", pa.int64()),
-    ("window", pa.uint16()),
-    ("n_windows", pa.uint16()),
+    ("window", INDEX),
+    ("n_windows", INDEX),
     ("token_start", pa.int32()),
     ("token_end", pa.int32()),
-    ("n_tokens", pa.uint16()),
+    ("n_tokens", INDEX),
     ("n_doc_tokens", pa.int32()),
     ("truncated", pa.bool_()),
     ("windowed", pa.bool_()),
@@ -34,24 +48,23 @@ DOCUMENTS = pa.schema([
 
 TOKENS = pa.schema([
     ("doc_id", pa.string()),
-    ("window", pa.uint16()),
-    ("position", pa.uint16()),
-    ("token_id", pa.uint32()),
+    ("window", INDEX),
+    ("position", INDEX),
+    ("token_id", INDEX),
     ("token", pa.string()),
     ("surface", pa.string()),
     ("char_start", pa.int32()),
     ("char_end", pa.int32()),
     ("doc_position", pa.int32()),
-    ("segment", pa.uint8()),
+    ("segment", SEGMENT),
     ("is_special", pa.bool_()),
     ("is_punct", pa.bool_()),
 ])
 
-KEY_FIELDS = [("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
-              ("head", pa.uint8())]
+KEY_FIELDS = [("doc_id", pa.string()), ("window", INDEX), ("layer", INDEX), ("head", INDEX)]
 
 HEAD_STATS = pa.schema(KEY_FIELDS + [(name, pa.float32()) for name in STAT_NAMES]
-                       + [("n_tokens", pa.uint16())])
+                       + [("n_tokens", INDEX)])
 
 
 def weight_type(full: bool) -> pa.DataType:
@@ -61,11 +74,11 @@ def weight_type(full: bool) -> pa.DataType:
 
 def attention_schema(full: bool) -> pa.Schema:
     """``full`` mode stores weights as float16; top-k and threshold keep float32."""
-    return pa.schema(KEY_FIELDS + [("query", pa.uint16()), ("key", pa.uint16()),
+    return pa.schema(KEY_FIELDS + [("query", INDEX), ("key", INDEX),
                                    ("weight", weight_type(full))])
 
 
-SUMMARY_FIELDS = [("layer", pa.uint8()), ("head", pa.uint8()), ("n_windows", pa.int64())]
+SUMMARY_FIELDS = [("layer", INDEX), ("head", INDEX), ("n_windows", pa.int64())]
 HEAD_SUMMARY = pa.schema(
     SUMMARY_FIELDS
     + [(f"{name}_{agg}", pa.float64()) for name in STAT_NAMES for agg in ("mean", "std")]
@@ -73,10 +86,9 @@ HEAD_SUMMARY = pa.schema(
 )
 
 
-_PAIR = [("layer_a", pa.uint8()), ("head_a", pa.uint8()), ("layer_b", pa.uint8()),
-         ("head_b", pa.uint8())]
+_PAIR = [("layer_a", INDEX), ("head_a", INDEX), ("layer_b", INDEX), ("head_b", INDEX)]
 HEAD_SIMILARITY = pa.schema(_PAIR + [("js_distance", pa.float32()), ("n_rows", pa.int64())])
-HEAD_COORDS = pa.schema([("layer", pa.uint8()), ("head", pa.uint8()), ("x", pa.float32()),
+HEAD_COORDS = pa.schema([("layer", INDEX), ("head", INDEX), ("x", pa.float32()),
                          ("y", pa.float32())])
 
 
@@ -84,7 +96,7 @@ def qk_schema(head_dim: int) -> pa.Schema:
     """One row per (window, layer, head, position): the projected query and key vectors and
     the factor the model scales their dot product by before the softmax."""
     vector = pa.list_(pa.float32(), head_dim)
-    return pa.schema(KEY_FIELDS + [("position", pa.uint16()), ("query", vector), ("key", vector),
+    return pa.schema(KEY_FIELDS + [("position", INDEX), ("query", vector), ("key", vector),
                               ("scale", pa.float32())])
 
 
@@ -129,3 +141,31 @@ TABLES = tuple(spec.name for spec in CORE_SPECS)
 #: them (``pipelines.analysis.registry.table_specs`` has every table).
 CORE_TABLE_SPECS: dict[str, TableSpec] = {spec.name: spec for spec in (*CORE_SPECS, QK_SPEC,
                                                                         HEAD_SUMMARY_SPEC)}
+
+
+def _is_unsigned(type: pa.DataType) -> bool:
+    """An unsigned integer type, or a list (or dictionary) of one."""
+    if pa.types.is_list(type) or pa.types.is_fixed_size_list(type):
+        return _is_unsigned(type.value_type)
+    if pa.types.is_dictionary(type):
+        return _is_unsigned(type.index_type) or _is_unsigned(type.value_type)
+    return pa.types.is_unsigned_integer(type)
+
+
+def unsigned_fields(schema: pa.Schema) -> list[str]:
+    """Names of ``schema``'s fields of an unsigned integer type (in a list too)."""
+    return [field.name for field in schema if _is_unsigned(field.type)]
+
+
+def signed_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with each unsigned integer column given its signed type: how a table of a
+    format 1 dataset (unsigned ``layer``, ``query``, ...) reads now. ``segment`` becomes
+    :data:`SEGMENT`; every other unsigned column (8 to 32 bits) :data:`INDEX`."""
+    fields = []
+    for field in schema:
+        if pa.types.is_unsigned_integer(field.type):
+            if field.type.bit_width > 32:
+                raise ValueError(f"column {field.name!r}: {field.type} has no signed type here")
+            field = field.with_type(SEGMENT if field.name == "segment" else INDEX)
+        fields.append(field)
+    return pa.schema(fields, metadata=schema.metadata)

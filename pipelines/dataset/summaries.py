@@ -35,7 +35,7 @@ def merge_similarity(parts_dir: Path) -> dict[str, pa.Table]:
     distance = merged["js_distance"].to_numpy(np.float64).reshape(layers * heads, -1)
     xy = coordinates(distance)
     layer, head = np.divmod(np.arange(layers * heads), heads)
-    coords = pa.table({"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
+    coords = pa.table({"layer": layer.astype(np.int32), "head": head.astype(np.int32),
                        "x": xy[:, 0].astype(np.float32), "y": xy[:, 1].astype(np.float32)},
                       schema=schema.HEAD_COORDS)
     return {"head_similarity": table, "head_coords": coords}
@@ -97,7 +97,7 @@ def stats_summary(head_stats_dir: Path) -> pa.Table:
     assert windows is not None and tokens is not None  # allocated with shape
     layer, head = (a.ravel() for a in np.meshgrid(np.arange(shape[0]), np.arange(shape[1]),
                                                   indexing="ij"))
-    columns: dict[str, object] = {"layer": layer.astype(np.uint8), "head": head.astype(np.uint8),
+    columns: dict[str, object] = {"layer": layer.astype(np.int32), "head": head.astype(np.int32),
                                   "n_windows": windows.ravel().astype(np.int64)}
     for name in STAT_NAMES:
         count = counts[name].ravel()

@@ -44,15 +44,15 @@ def tokens_table(windows: list[Window]) -> pa.Table:
 
     return pa.table({
         "doc_id": doc_ids,
-        "window": np.repeat([w.window for w in windows], lengths).astype(np.uint16),
-        "position": np.concatenate([np.arange(n) for n in lengths]).astype(np.uint16),
-        "token_id": cat("input_ids").astype(np.uint32),
+        "window": np.repeat([w.window for w in windows], lengths).astype(np.int32),
+        "position": np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
+        "token_id": cat("input_ids").astype(np.int32),
         "token": [t for w in windows for t in w.tokens],
         "surface": [t for w in windows for t in w.surfaces],
         "char_start": cat("char_start"),
         "char_end": cat("char_end"),
         "doc_position": cat("doc_position"),
-        "segment": cat("segment"),
+        "segment": cat("segment").astype(np.int8),
         "is_special": cat("is_special"),
         "is_punct": cat("is_punct"),
     }, schema=schema.TOKENS)
@@ -61,7 +61,7 @@ def tokens_table(windows: list[Window]) -> pa.Table:
 def key_columns(windows: list[Window], batch_index: np.ndarray) -> dict[str, pa.Array | np.ndarray]:
     """``doc_id`` and ``window`` of the batch row of every table row."""
     doc_ids = pa.array([w.doc.doc_id for w in windows]).take(pa.array(batch_index))
-    window = np.array([w.window for w in windows], dtype=np.uint16)[batch_index]
+    window = np.array([w.window for w in windows], dtype=np.int32)[batch_index]
     return {"doc_id": doc_ids, "window": window}
 
 
@@ -71,8 +71,8 @@ def per_head_columns(windows: list[Window], shape: tuple[int, int, int]) -> dict
     layers, size, heads = shape
     batch_index, layer, head = (a.ravel() for a in np.meshgrid(
         np.arange(size), np.arange(layers), np.arange(heads), indexing="ij"))
-    return {**key_columns(windows, batch_index), "layer": layer.astype(np.uint8),
-            "head": head.astype(np.uint8)}
+    return {**key_columns(windows, batch_index), "layer": layer.astype(np.int32),
+            "head": head.astype(np.int32)}
 
 
 def per_head_values(values: torch.Tensor) -> pa.Array:
@@ -87,7 +87,7 @@ def stats_table(windows: list[Window], stats: dict[str, torch.Tensor]) -> pa.Tab
     columns = per_head_columns(windows, (layers, len(windows), heads))
     for name in STAT_NAMES:
         columns[name] = per_head_values(stats[name])
-    n_tokens = stats["n_tokens"].cpu().numpy().astype(np.uint16)  # [B]
+    n_tokens = stats["n_tokens"].cpu().numpy().astype(np.int32)  # [B]
     columns["n_tokens"] = np.repeat(n_tokens, layers * heads)
     return pa.table(columns, schema=schema.HEAD_STATS)
 

@@ -72,6 +72,18 @@ def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> No
     publish(tmp, path)
 
 
+def same_format(root: Path, previous: dict, manifest: dict, action: str, advice: str) -> None:
+    """Refuse to ``action`` a folder written in another format: its parts and the new ones
+    would have different schemas (format 1 stored integer columns unsigned)."""
+    found, writes = previous.get("format"), manifest["format"]
+    if found != writes:
+        raise OutputError(
+            f"{root}: cannot {action}: it holds format {found!r} and this headscope writes "
+            f"{writes!r}, with other column types; one folder cannot mix them. {advice} "
+            "(headscope still reads the old folder)"
+        )
+
+
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
@@ -111,6 +123,8 @@ class DatasetWriter:
         existing = self.root / MANIFEST
         if resume:
             previous = json.loads(existing.read_text())
+            same_format(self.root, previous, manifest, "resume",
+                        "Run the job again into a new --out, or with --overwrite")
             if previous.get("job_key") != manifest["job_key"]:
                 raise OutputError(
                     f"{self.root}: cannot resume: it was made with other inputs, model or "
@@ -191,7 +205,10 @@ def append_parts(root: str | Path, part_id: str, tables: dict[str, pa.Table],
     under a name no other writer uses, so concurrent writers never clash.
     """
     root = Path(root)
-    if not (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file():
+        same_format(root, json.loads((root / MANIFEST).read_text()), manifest, "append to it",
+                    "Move the folder away to start a new one")
+    else:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / MANIFEST, {**manifest, "status": "open"})
     name = f"part-{part_id}.parquet"

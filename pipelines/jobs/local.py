@@ -25,8 +25,9 @@ from pipelines.text.plan import PlanBuilder, ReadUnit, Shard, document_windows, 
 from pipelines.text.tokenize import Window, Windower
 
 log = logging.getLogger(__name__)
-#: Uncompressed bytes of one attention row (keys, positions, weight, doc_id dictionary index).
-ATTENTION_ROW_BYTES = 16
+#: Uncompressed bytes of one attention row: window, layer, head, query and key (int32 each),
+#: weight (float32) and the doc_id dictionary index.
+ATTENTION_ROW_BYTES = 28
 
 
 @dataclass

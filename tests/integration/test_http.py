@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -287,8 +288,8 @@ def test_layers_and_heads_filter(service: Service, minilm: TorchBackend) -> None
     assert set(attention["layer"]) == set(layers) and set(attention["head"]) == set(heads)
     want = local_tables(minilm, http_docs(body, items))
     for name in ("head_stats", "attention"):
-        keep = pc.and_(pc.is_in(want[name]["layer"], pa.array(layers, pa.uint8())),
-                       pc.is_in(want[name]["head"], pa.array(heads, pa.uint8())))
+        keep = pc.and_(pc.is_in(want[name]["layer"], pa.array(layers, pa.int32())),
+                       pc.is_in(want[name]["head"], pa.array(heads, pa.int32())))
         want[name] = want[name].filter(keep)
     assert_same_tables(json_tables(body), want)
     # Documents and tokens are not filtered.
@@ -628,6 +629,22 @@ def test_store_appends_parts_under_dataset_root(service: Service) -> None:
     assert files_under(service.base) - files_under(service.roots["open"]) == outside_before
     assert repo_outputs() == repo_before
     assert not (Path.cwd() / "service_data").exists()
+
+
+def test_store_refuses_a_folder_of_format_1(service: Service) -> None:
+    root = service.roots["onnx"] / "minilm"  # no other test stores through this app
+    root.mkdir(parents=True)
+    old = {"format": "headscope-dataset/1", "status": "open"}
+    (root / "manifest.json").write_text(json.dumps(old))
+    try:
+        response = service.post({"texts": ["Not mixed in."], "store": True}, "onnx")
+        assert response.status_code == 409, response.text
+        assert "cannot append to it: it holds format 'headscope-dataset/1'" in \
+            response.json()["error"]
+        assert [p.name for p in root.iterdir()] == ["manifest.json"]
+        assert json.loads((root / "manifest.json").read_text()) == old
+    finally:
+        shutil.rmtree(root)
 
 
 def test_store_folder_is_the_public_model_name(service: Service) -> None:

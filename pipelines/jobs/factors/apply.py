@@ -38,6 +38,7 @@ from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
 from pipelines.dataset.manifest import FACTOR_CODES_FORMAT, FACTORS_FORMAT, header
+from pipelines.dataset.schema import INDEX
 from pipelines.dataset.tables import documents_table, tokens_table
 from pipelines.dataset.writer import (
     DatasetWriter,
@@ -58,18 +59,17 @@ CONTEXT = 12
 PEAKS = ("low", "middle", "high")
 
 FACTOR_ACTIVATIONS = pa.schema([
-    ("doc_id", pa.string()), ("window", pa.uint16()), ("layer", pa.uint8()),
-    ("position", pa.uint16()), ("factor", pa.uint16()), ("activation", pa.float32())])
+    ("doc_id", pa.string()), ("window", INDEX), ("layer", INDEX), ("position", INDEX),
+    ("factor", INDEX), ("activation", pa.float32())])
 ACTIVATION_KEYS = ("doc_id", "window", "layer", "position", "factor")
 TOKEN_KEYS = ("doc_id", "window", "position")
 FACTOR_TOP = pa.schema([
-    ("factor", pa.uint16()), ("layer", pa.uint8()), ("rank", pa.uint16()),
-    ("activation", pa.float32()), ("doc_id", pa.string()), ("window", pa.uint16()),
-    ("position", pa.uint16()), ("token", pa.string()), ("before", pa.string()),
-    ("after", pa.string())])
+    ("factor", INDEX), ("layer", INDEX), ("rank", INDEX), ("activation", pa.float32()),
+    ("doc_id", pa.string()), ("window", INDEX), ("position", INDEX), ("token", pa.string()),
+    ("before", pa.string()), ("after", pa.string())])
 FACTOR_PROFILE = pa.schema([
-    ("factor", pa.uint16()), ("layer", pa.uint8()), ("mean_activation", pa.float64()),
-    ("active_share", pa.float64()), ("peak_layer", pa.uint8()), ("peak", pa.string())])
+    ("factor", INDEX), ("layer", INDEX), ("mean_activation", pa.float64()),
+    ("active_share", pa.float64()), ("peak_layer", INDEX), ("peak", pa.string())])
 
 
 @dataclass
@@ -144,10 +144,10 @@ class Profile:
                                     indexing="ij")
         layers = np.asarray(self.layers)
         return pa.table({
-            "factor": factor.ravel().astype(np.uint16),
-            "layer": layers[layer.ravel()].astype(np.uint8),
+            "factor": factor.ravel().astype(np.int32),
+            "layer": layers[layer.ravel()].astype(np.int32),
             "mean_activation": mean.ravel(), "active_share": share.ravel(),
-            "peak_layer": layers[peak_slot][factor.ravel()].astype(np.uint8),
+            "peak_layer": layers[peak_slot][factor.ravel()].astype(np.int32),
             "peak": pa.array(PEAKS).take(pa.array(thirds[factor.ravel()].astype(np.int64))),
         }, schema=FACTOR_PROFILE).sort_by([("factor", "ascending"), ("layer", "ascending")])
 
@@ -160,10 +160,10 @@ def activation_rows(rows: TokenRows, codes: torch.Tensor) -> pd.DataFrame:
     owner = rows.window_index[row_np]
     return pd.DataFrame({
         "doc_id": [windows[i].doc.doc_id for i in owner],
-        "window": np.array([windows[i].window for i in owner], dtype=np.uint16),
-        "layer": rows.layer[row_np].astype(np.uint8),
-        "position": rows.position[row_np].astype(np.uint16),
-        "factor": factor.cpu().numpy().astype(np.uint16),
+        "window": np.array([windows[i].window for i in owner], dtype=np.int32),
+        "layer": rows.layer[row_np].astype(np.int32),
+        "position": rows.position[row_np].astype(np.int32),
+        "factor": factor.cpu().numpy().astype(np.int32),
         "activation": codes[row, factor].cpu().numpy().astype(np.float32),
     })
 

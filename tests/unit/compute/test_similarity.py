@@ -246,8 +246,8 @@ def test_to_table_round_trips(tmp_path: Path) -> None:
     sim = similarity_of(attn, valid)
     table = similarity_table(sim)
     assert table.schema == pa.schema([
-        ("layer_a", pa.uint8()), ("head_a", pa.uint8()), ("layer_b", pa.uint8()),
-        ("head_b", pa.uint8()), ("js_distance", pa.float32()), ("n_rows", pa.int64())])
+        ("layer_a", pa.int32()), ("head_a", pa.int32()), ("layer_b", pa.int32()),
+        ("head_b", pa.int32()), ("js_distance", pa.float32()), ("n_rows", pa.int64())])
     size = layers * heads
     assert table.num_rows == size * size
     pq.write_table(table, tmp_path / "similarity.parquet")
