@@ -89,7 +89,7 @@ class Window:
     truncated: bool
     input_ids: np.ndarray  # [n] int64
     type_ids: np.ndarray  # [n] int64, fed to BERT-style models
-    segment: np.ndarray  # [n] uint8: 0 = text, 1 = text_pair
+    segment: np.ndarray  # [n] int8: 0 = text, 1 = text_pair
     char_start: np.ndarray  # [n] int32, -1 for tokens the tokenizer added ([CLS], [SEP])
     char_end: np.ndarray  # [n] int32, -1 likewise
     doc_position: np.ndarray  # [n] int32, -1 for added and pair tokens
@@ -119,20 +119,6 @@ def is_punctuation(surface: str) -> bool:
     (WordPiece "##", byte-level "Ġ", SentencePiece "▁") gets the same answer."""
     text = surface.strip()
     return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
-
-
-#: How white space is drawn when a token covers nothing else (GPT-2's newline and space tokens).
-_WHITESPACE_SHOWN = {"\n": "\\n", "\r": "\\r", "\t": "\\t", " ": "␣"}
-
-
-def display_label(surface: str, token: str) -> str:
-    """What a person is shown for a token: its source characters (``surface``), white space
-    trimmed, so byte-level BPE reads "café", not "ĠcafÃ©"; a token of white space only shows
-    it escaped ("\\n", "␣"); one whose offsets the tokenizer trimmed to nothing (RoBERTa's
-    lone "Ġ"), its token string."""
-    if not surface:
-        return token
-    return surface.strip() or "".join(_WHITESPACE_SHOWN.get(c, c) for c in surface)
 
 
 def control_token_ids(tokenizer) -> np.ndarray:
@@ -250,7 +236,7 @@ class Windower:
         content_rank = np.cumsum(~added) - 1
         is_pair = ~added & (content_rank >= len(content.ids))
         # An added token belongs to the segment of the content token before it.
-        segment = np.maximum.accumulate(np.where(added, 0, is_pair)).astype(np.uint8)
+        segment = np.maximum.accumulate(np.where(added, 0, is_pair)).astype(np.int8)
         offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
         offsets[added] = -1
         doc_position = np.where(added | is_pair, -1, start + content_rank).astype(np.int32)

@@ -25,14 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.dataset.labels import token_labels
 from pipelines.dataset.reader import Dataset
-from pipelines.text.tokenize import display_label
 
 FORMAT = "headscope-view/2"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).
 QK_TABLE = "qk"
 _ATTENTION_COLUMNS = ["window", "layer", "head", "query", "key", "weight"]
 TOKEN_COLUMNS = ["window", "position", "token", "surface", "segment", "is_special"]
+#: The last position a page can address (``query``/``key`` travel as uint16).
+MAX_VIEW_POSITION = 65535
 #: Bytes of the embedded data (base64 text) per stored weight: uint16 query and key, float32
 #: weight (8 bytes, 4/3 as base64).
 WEIGHT_BYTES = 32 / 3
@@ -53,16 +55,6 @@ def b64(values: np.ndarray, dtype: str) -> str:
 def unb64(text: str, dtype: str) -> np.ndarray:
     """Inverse of :func:`b64`."""
     return np.frombuffer(base64.b64decode(text), dtype=dtype)
-
-
-def token_labels(tokens: pa.Table) -> list[str]:
-    """What a view shows for each row of a ``tokens`` table (``display_label``); datasets
-    written before the ``surface`` column show the tokenizer's strings."""
-    raw = tokens.column("token").to_pylist()
-    if "surface" not in tokens.column_names:
-        return raw
-    surfaces = tokens.column("surface").to_pylist()
-    return [display_label(surface, token) for surface, token in zip(surfaces, raw, strict=True)]
 
 
 # --- thinning --------------------------------------------------------------------------------
@@ -390,6 +382,9 @@ def _attention_payload(rows: pa.Table, layers: int, heads: int) -> dict:
     if len(counts) > layers * heads:
         raise ValueError(f"attention rows name layers/heads beyond {layers} × {heads}")
     offsets = np.concatenate([[0], np.cumsum(counts)])
+    if rows.num_rows and max(cols["query"].max(), cols["key"].max()) > MAX_VIEW_POSITION:
+        raise ValueError(f"a view draws windows of at most {MAX_VIEW_POSITION + 1} tokens "
+                         "(positions are sent as 16-bit numbers); this window is longer")
     return {
         "count": int(rows.num_rows),
         "offsets": b64(offsets, "<u4"),

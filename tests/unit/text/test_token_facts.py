@@ -17,10 +17,10 @@ from pipelines.analysis.words import words_table
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
+from pipelines.dataset.labels import token_labels
 from pipelines.dataset.tables import tokens_table
 from pipelines.models import ModelInfo
 from pipelines.text.tokenize import Document, Window, Windower, control_token_ids
-from pipelines.views.data import token_labels
 
 ACCENTED = "Le café 😀 à Tōkyō 東京 is naïve — ok."
 EMOJI = "I love pizza 🍕 so much!"
