@@ -15,13 +15,16 @@ from pipelines.config import (
     RunConfig,
     WindowConfig,
 )
-from pipelines.dataset.writer import OutputError
+from pipelines.dataset.writer import MANIFEST, OutputError, no_space
 from pipelines.jobs.export_onnx import DEFAULT_OPSET, ExportError
 from pipelines.models import REGISTRY, ModelError
 from pipelines.text.inputs import Columns, InputError
 from pipelines.version import __version__
 
 USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
+#: Exit status when the disk (or quota) ran out: sysexits.h's EX_IOERR. 2 is a user error,
+#: 130 an interrupt.
+NO_SPACE_EXIT = 74
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -456,6 +459,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headscope: interrupted; finished shards are kept (use --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        full = no_space(exc)
+        if full is None:
+            raise
+        print(f"headscope: error: {_no_space_message(full, args)}", file=sys.stderr)
+        return NO_SPACE_EXIT
+
+
+def _no_space_message(error: OSError, args: argparse.Namespace) -> str:
+    """What ran out, where, and how to carry on: --resume where the job can, else a rerun
+    (with --overwrite where the failed job left a folder)."""
+    out = Path(args.out) if getattr(args, "out", None) else None
+    where = error.filename or out or "the output"
+    if hasattr(args, "resume") and out is not None and (out / MANIFEST).is_file():
+        then = "free space and rerun with --resume (finished shards are kept)"
+    elif out is not None and out.is_dir() and any(out.iterdir()):
+        then = "free space and rerun with --overwrite"
+    else:
+        then = "free space and rerun"
+    return f"{str(error.strerror).lower()} while writing {where}; {then}"
 
 
 if __name__ == "__main__":

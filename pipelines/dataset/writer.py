@@ -7,17 +7,21 @@ Layout::
     DIR/head_summary/part-00000.parquet
     DIR/_shards/00000.json         written after all parts of a shard: the shard is finished
 
-A file appears only complete (written to a temporary name, then renamed). A shard without a
-marker is rewritten on resume, so no row is lost or duplicated.
+A file appears only complete (written to a temporary name, then renamed); a write that fails
+(a full disk) removes its temporary file and the shard's other parts. A shard without a marker
+is rewritten on resume, so no row is lost or duplicated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,14 +52,76 @@ def publish(tmp: str | Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: errno values meaning the file system has no room left: no space, or the user's quota is spent.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: How errno appears in a message when a library keeps it only there: pyarrow ("Detail:
+#: [errno 28] ..."), Rust's io::Error ("(os error 28)", safetensors), and a traceback
+#: made elsewhere (Ray: "[Errno 28] No space left on device: '<file>'").
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\](?:[^\n']*?: '([^'\n]+)')?|\(os error (\d+)\)",
+                            re.IGNORECASE)
+
+
+class NoSpaceError(OSError):
+    """The file system, or the user's quota, had no room for ``filename``."""
+
+
+def no_space(exc: BaseException) -> NoSpaceError | None:
+    """If ``exc``, or what it wraps, says the space ran out: that error as a NoSpaceError
+    (naming the file when known); otherwise None."""
+    chain = _wrapped(exc)
+    for error in chain:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return NoSpaceError(error.errno, os.strerror(error.errno), error.filename)
+    for error in chain:  # the errno is only in a message
+        quoted = [(int(code or rust), name) for code, name, rust
+                  in _ERRNO_IN_TEXT.findall(str(error)) if int(code or rust) in NO_SPACE]
+        if quoted:  # a traceback prints the outermost error, naming our file, last
+            code, name = ([q for q in quoted if q[1]] or quoted)[-1]
+            return NoSpaceError(code, os.strerror(code), name or None)
+    return None
+
+
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: ``__cause__``, ``__context__``, Ray's ``cause``."""
+    found: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo:
+        error = todo.pop(0)
+        if isinstance(error, BaseException) and all(error is not e for e in found):
+            found.append(error)
+            todo += [error.__cause__, error.__context__, getattr(error, "cause", None)]
+    return found
+
+
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = "") -> Iterator[str]:
+    """A temporary file beside ``path`` to write; moved onto ``path`` when the block ends.
+
+    If anything fails, the temporary file is removed; running out of space (however the
+    library writing reports it) is raised as a NoSpaceError naming ``path``.
+    """
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+        os.close(fd)
+        yield tmp
+        publish(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        full = no_space(exc)
+        if full is not None and not isinstance(exc, NoSpaceError):
+            raise NoSpaceError(full.errno, full.strerror, str(path)) from exc
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "wb") as handle:
+    with replacing(path, path.suffix) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    publish(tmp, path)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -63,13 +129,10 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 
 def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
-                   use_dictionary=strings, write_statistics=True)
-    publish(tmp, path)
+    with replacing(path, ".parquet") as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
+                       use_dictionary=strings, write_statistics=True)
 
 
 def same_format(root: Path, previous: dict, manifest: dict, action: str, advice: str) -> None:
@@ -164,12 +227,17 @@ class DatasetWriter:
                    if name not in self.specs or not self.specs[name].per_shard]
         if missing or unknown:
             raise ValueError(f"shard tables: missing {missing}, unknown {unknown}")
-        for name, table in tables.items():
-            atomic_write_parquet(self.root / name / part_name(shard), table,
-                                 self.specs[name].row_group_rows)
+        parts = [self.root / name / part_name(shard) for name in tables]
         counts = {name: table.num_rows for name, table in tables.items()
                   if not self.specs[name].hidden}
-        atomic_write_json(self.root / SHARDS / f"{shard:05d}.json", counts)
+        try:
+            for part, (name, table) in zip(parts, tables.items(), strict=True):
+                atomic_write_parquet(part, table, self.specs[name].row_group_rows)
+            atomic_write_json(self.root / SHARDS / f"{shard:05d}.json", counts)
+        except BaseException:  # e.g. a full disk: leave only finished shards behind
+            for part in parts:
+                part.unlink(missing_ok=True)
+            raise
         return counts
 
     def shard_counts(self) -> dict[str, int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 #: Uncompressed bytes of one attention row: window, layer, head, query and key (int32 each),
 #: weight (float32) and the doc_id dictionary index.
 ATTENTION_ROW_BYTES = 28
+#: Uncompressed bytes of one head_stats row: float32 statistics and int32 n_tokens (4 bytes
+#: per definition), window, layer, head (int32) and the doc_id dictionary index.
+HEAD_STATS_ROW_BYTES = 4 * len(DEFINITIONS) + 16
 
 
 @dataclass
@@ -123,6 +128,19 @@ def survey(files: list[Path], columns: Columns, windower: Windower, config: RunC
     return Survey(windows, tokens, rows * info.num_layers * info.num_heads, plan.finish())
 
 
+def qk_bytes(found: Survey, info: ModelInfo) -> int:
+    """Uncompressed bytes of the query/key vectors (``--capture-qk``)."""
+    return found.tokens * info.num_layers * info.num_heads * (2 * info.head_dim + 1) * 4
+
+
+def output_bytes(found: Survey, config: RunConfig, info: ModelInfo) -> float:
+    """The dataset's size before compression: attention weights (not counted in threshold
+    mode, where they depend on the weights), query/key vectors and head statistics."""
+    attention = 0.0 if math.isnan(found.attention_bytes) else found.attention_bytes
+    stats = found.windows * info.num_layers * info.num_heads * HEAD_STATS_ROW_BYTES
+    return attention + stats + (qk_bytes(found, info) if config.capture_qk else 0)
+
+
 def _log_survey(found: Survey, summary: InputSummary, config: RunConfig,
                 info: ModelInfo) -> None:
     rows = found.attention_rows
@@ -133,7 +151,7 @@ def _log_survey(found: Survey, summary: InputSummary, config: RunConfig,
     if config.capture_qk:
         vectors = found.tokens * info.num_layers * info.num_heads
         log.info("query/key capture: %s rows, ~%.1f MB before compression", f"{vectors:,}",
-                 vectors * (2 * info.head_dim + 1) * 4 / 1e6)
+                 qk_bytes(found, info) / 1e6)
     if summary.skipped_blank_lines:
         log.info("skipped %d blank lines (recorded in the manifest)", summary.skipped_blank_lines)
 
@@ -176,7 +194,24 @@ def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
     if finished:
         log.info("resuming: %d of %d shards already written", len(finished), found.shards)
+    # After open: --overwrite has freed the old dataset's space, --resume needs only the rest.
+    left = 1 - len(finished) / found.shards if found.shards else 0.0
+    warn_if_short_of_space(writer.root, left * output_bytes(found, config, backend.info))
     return Prepared(files, summary, found, manifest, finished, writer)
+
+
+def warn_if_short_of_space(root: Path, needed: float) -> None:
+    """Warn when ``needed`` bytes exceed the free space of ``root``'s file system.
+
+    Only a warning: the estimate is before compression, which often halves it or better. If
+    the disk does fill, the job stops with a message and ``--resume`` finishes it.
+    """
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        log.warning("the output may not fit: ~%s MB estimated (before compression), %s MB "
+                    "free on the file system of %s; if the disk fills, the job stops, and "
+                    "--resume finishes it once there is space", f"{needed / 1e6:,.1f}",
+                    f"{free / 1e6:,.1f}", root)
 
 
 def finish(job: Prepared, started: float) -> JobResult:

@@ -27,7 +27,7 @@ from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import DictionaryLearner, encode
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.dataset.manifest import FACTORS_FORMAT, header, model_entry
-from pipelines.dataset.writer import DatasetWriter, atomic_write_json
+from pipelines.dataset.writer import DatasetWriter, atomic_write_json, replacing
 from pipelines.jobs.factors.hidden import TokenRows, parse_layers, token_rows
 from pipelines.text.inputs import Columns, expand, read_documents, validate
 from pipelines.text.plan import document_windows
@@ -272,7 +272,6 @@ def _save(out: Path, learner: DictionaryLearner, manifest: dict, overwrite: bool
     if overwrite and (out / MANIFEST).is_file():
         (out / MANIFEST).unlink()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{DICTIONARY}"
-    save_file({"dictionary": learner.dictionary.detach().cpu().contiguous()}, str(tmp))
-    tmp.replace(out / DICTIONARY)
+    with replacing(out / DICTIONARY, ".safetensors") as tmp:
+        save_file({"dictionary": learner.dictionary.detach().cpu().contiguous()}, tmp)
     atomic_write_json(out / MANIFEST, manifest)
