@@ -8,7 +8,6 @@ span of document tokens it covers, so nothing is dropped without a trace.
 from __future__ import annotations
 
 import copy
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +15,8 @@ from tokenizers import Encoding
 
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import ModelInfo
-
-_SUBWORD_MARKERS = ("##", "Ġ", "▁", "Ċ")
+from pipelines.text.punctuation import is_punctuation as is_punctuation  # its former home
+from pipelines.text.punctuation import punctuation_rule
 
 # --- the one input rule ----------------------------------------------------------------------
 #
@@ -114,14 +113,6 @@ class NoContentError(ConfigError):
     """A text (or pair) of which the tokenizer makes no token but special ones."""
 
 
-def is_punctuation(text: str) -> bool:
-    """True if ``text`` (subword markers and spaces removed) is only Unicode punctuation."""
-    for marker in _SUBWORD_MARKERS:
-        text = text.replace(marker, "")
-    text = text.strip()
-    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
-
-
 class Windower:
     """Tokenises documents into windows for one model and one window configuration."""
 
@@ -139,6 +130,7 @@ class Windower:
             )
         self.stride = config.stride
         self.truncate = config.truncate
+        self.is_punct = punctuation_rule(config.punctuation)  # pipelines.text.punctuation
         self.special_ids = np.asarray(sorted(tokenizer.all_special_ids), dtype=np.int64)
         # Not content: control tokens ([CLS], [SEP], [PAD], <|endoftext|>) and other added
         # tokens. [UNK] and [MASK] stand for characters of the text (an emoji, a typed
@@ -238,7 +230,7 @@ class Windower:
             for pair_token, (a, b), sp in zip(is_pair, offsets, added, strict=True)
         ]
         triples = zip(surfaces, enc.tokens, special, strict=True)
-        punct = np.array([not sp and is_punctuation(t or tok) for t, tok, sp in triples],
+        punct = np.array([not sp and self.is_punct(t, tok) for t, tok, sp in triples],
                          dtype=bool)
         return Window(
             doc=doc, window=index, n_windows=n_windows, token_start=start, token_end=end,
