@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from pipelines.config import (
     BACKENDS,
+    SIMILARITY_MEASURES,
+    WORD_ROWS,
     AttentionMode,
     ConfigError,
     OnnxOptions,
     RunConfig,
     WindowConfig,
+    parse_entropy_epsilon,
 )
 from pipelines.dataset.writer import MANIFEST, OutputError, no_space
 from pipelines.jobs.export_onnx import DEFAULT_OPSET, ExportError
 from pipelines.models import REGISTRY, ModelError
 from pipelines.text.inputs import Columns, InputError
+from pipelines.text.punctuation import DEFAULT_RULE, RULES
 from pipelines.version import __version__
 
 USER_ERRORS = (ConfigError, ExportError, InputError, ModelError, OutputError)
@@ -86,6 +91,21 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                           "--analyses (repeatable; see docs/analysis.md)")
     run.add_argument("--similarity-docs", type=int, default=0, metavar="N",
                      help="head similarity over the first N documents only (default 0: all)")
+    clark = run.add_argument_group(
+        "conventions", "where headscope and Clark et al. (2019) differ; 'clark' gives theirs "
+                       "(docs/statistics.md)")
+    clark.add_argument("--punctuation", default=DEFAULT_RULE, choices=list(RULES),
+                       help="keys mass_punct counts (tokens.is_punct): unicode (default: any "
+                            "Unicode punctuation) or clark (only '.' and ',')")
+    clark.add_argument("--entropy-epsilon", default="0", metavar="E",
+                       help="entropy of A' = (1 - E) A + E/n: a number in [0, 1) or clark "
+                            "(1e-4) (default 0: unsmoothed)")
+    clark.add_argument("--similarity-measure", default="distance", choices=SIMILARITY_MEASURES,
+                       help="head_similarity: distance (default: mean JS distance per row) or "
+                            "clark (smoothed JS divergence in nats summed over rows)")
+    clark.add_argument("--word-rows", default="mean", choices=WORD_ROWS,
+                       help="words analysis: a word's row is the mean of its pieces' rows "
+                            "(default, as the paper) or its first piece's (their script)")
     run.add_argument("--capture-qk", action="store_true",
                      help="store every head's query and key vectors per token (qk table, for "
                           "the neuron view; large: 2 × head size floats per token and head)")
@@ -136,12 +156,13 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         attention=AttentionMode.parse(args.attention),
-        windows=_window_config(args),
+        windows=dataclasses.replace(_window_config(args), punctuation=args.punctuation),
         batch_tokens=args.batch_tokens, local_window=args.local_window,
         shard_tokens=args.shard_tokens, allow_download=args.allow_download,
         onnx=OnnxOptions(args.onnx_threads, args.onnx_inter_threads),
         analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
-        capture_qk=args.capture_qk,
+        capture_qk=args.capture_qk, entropy_epsilon=parse_entropy_epsilon(args.entropy_epsilon),
+        similarity_measure=args.similarity_measure, word_rows=args.word_rows,
     )
     options = {"resume": args.resume, "overwrite": args.overwrite,
                "progress": not args.no_progress}

@@ -63,15 +63,18 @@ class AttentionMode:
 
 @dataclass(frozen=True)
 class WindowConfig:
-    """How inputs longer than the model allows are handled.
+    """How documents become windows: their length, and which tokens are punctuation.
 
     ``max_length`` counts special tokens (None: the model's limit). Long inputs are cut into
     overlapping windows that share ``stride`` tokens, or cut once if ``truncate`` is set.
+    ``punctuation`` names the rule that sets ``is_punct`` (``pipelines.text.punctuation``:
+    ``unicode`` or ``clark``, only "." and ","); the ``Windower`` refuses other names.
     """
 
     max_length: int | None = None
     stride: int = 64
     truncate: bool = False
+    punctuation: str = "unicode"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,36 @@ class OnnxOptions:
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ConfigError("ONNX Runtime thread counts must be 0 (default) or positive")
+
+
+#: Named values of ``RunConfig.entropy_epsilon``: ``clark`` is Clark et al.'s (2019) 1e-4.
+ENTROPY_EPSILONS: dict[str, float] = {"none": 0.0, "clark": 1e-4}
+#: ``RunConfig.similarity_measure``: headscope's mean Jensen–Shannon distance, or Clark et
+#: al.'s smoothed divergence summed over rows (``pipelines.compute.similarity``).
+SIMILARITY_MEASURES = ("distance", "clark")
+#: ``RunConfig.word_rows``: a word's attention row is the mean of its pieces' rows (Clark et
+#: al.'s paper) or its first piece's row (their released script's default).
+WORD_ROWS = ("mean", "first")
+
+
+def parse_entropy_epsilon(value: str | float) -> float:
+    """ε of the entropy smoothing from a number or a name (``none``, ``clark``); 0 <= ε < 1."""
+    if isinstance(value, str) and value.strip() in ENTROPY_EPSILONS:
+        return ENTROPY_EPSILONS[value.strip()]
+    try:
+        epsilon = float(value)
+    except ValueError:
+        epsilon = -1.0
+    if not 0.0 <= epsilon < 1.0:
+        raise ConfigError(f"entropy epsilon {value!r}: use a number in [0, 1), none (0) or "
+                          "clark (1e-4)")
+    return epsilon
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """A ``ConfigError`` naming the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}: use {' or '.join(choices)}")
 
 
 #: ``auto`` runs an ONNX export folder with ONNX Runtime and anything else with PyTorch.
@@ -114,6 +147,17 @@ class RunConfig:
     similarity_docs: int = 0
     #: Store every head's query and key vectors per token (``qk`` table, for the neuron view).
     capture_qk: bool = False
+    #: ε of ``entropy``'s smoothing A' = (1 - ε) A + ε / n (0: none; Clark et al.: 1e-4).
+    entropy_epsilon: float = 0.0
+    #: What ``head_similarity`` holds (``SIMILARITY_MEASURES``).
+    similarity_measure: str = "distance"
+    #: How a word's attention row merges its pieces' rows (``WORD_ROWS``).
+    word_rows: str = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entropy_epsilon", parse_entropy_epsilon(self.entropy_epsilon))
+        check_choice("similarity measure", self.similarity_measure, SIMILARITY_MEASURES)
+        check_choice("word rows", self.word_rows, WORD_ROWS)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -34,7 +34,6 @@ from pipelines.analysis import registry
 from pipelines.analysis.batch import sort_tables, text_tables
 from pipelines.backends.base import Capability
 from pipelines.backends.head_mask import HeadMask
-from pipelines.compute.stats import DEFINITIONS, K90_MASS
 from pipelines.config import AttentionMode, ConfigError, WindowConfig
 from pipelines.dataset import manifest as manifests
 from pipelines.dataset import schema
@@ -273,7 +272,8 @@ class Ingress:
         windows = self._windows(body, state)
         analyses = registry.check_analyses(body.analyses)
         jobs = [DocumentJob(doc_windows, body.attention, body.local_window, analyses,
-                            body.disable_heads) for doc_windows in windows]
+                            body.disable_heads, entropy_epsilon=body.entropy_epsilon,
+                            word_rows=body.word_rows) for doc_windows in windows]
         results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
         text = text_tables(flat, analyses)
@@ -368,7 +368,7 @@ class Ingress:
     def _windows(self, body: AttentionRequest, state: ModelState) -> list[list[Window]]:
         try:
             windower = self._windower(state, WindowConfig(body.max_length, body.stride,
-                                                          body.truncate))
+                                                          body.truncate, body.punctuation))
         except ConfigError as exc:
             raise ApiError(422, str(exc)) from None
         windows = []
@@ -400,7 +400,8 @@ class Ingress:
             **manifests.header(manifests.DATASET_FORMAT, status=None, stats_version=True),
             "model": manifests.model_entry(state.info, fields=None),
             "runtime": state.runtime,
-            "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS},
+            # requests choose local_window; store takes only the default conventions (schemas)
+            "statistics": manifests.statistics_entry(body.punctuation, body.entropy_epsilon),
             "input": {"source": "http"},
         }
         part = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"

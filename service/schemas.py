@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.analysis import registry
-from pipelines.config import AttentionMode, ConfigError
+from pipelines.config import (
+    WORD_ROWS,
+    AttentionMode,
+    ConfigError,
+    check_choice,
+    parse_entropy_epsilon,
+)
 from pipelines.dataset import schema
+from pipelines.text.punctuation import DEFAULT_RULE, RULES, punctuation_rule
 from pipelines.text.tokenize import Document, clean_pair, clean_text, is_blank
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -40,6 +56,34 @@ Text = Annotated[str, Field(min_length=1), AfterValidator(clean_text)]
 Pair = Annotated[str | None, AfterValidator(clean_pair)]
 
 
+def _user_error(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check`` with its ``ConfigError`` as the ``ValueError`` pydantic reports (422)."""
+    def run(value: Any) -> Any:
+        try:
+            return check(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    return run
+
+
+def _known_rule(name: str) -> str:
+    punctuation_rule(name)
+    return name
+
+
+def _known_word_rows(name: str) -> str:
+    check_choice("word rows", name, WORD_ROWS)
+    return name
+
+
+#: A punctuation rule's name (``pipelines.text.punctuation``).
+Punctuation = Annotated[str, AfterValidator(_user_error(_known_rule))]
+#: ε of the entropy smoothing: a number in [0, 1) or a name (``parse_entropy_epsilon``).
+EntropyEpsilon = Annotated[float, BeforeValidator(_user_error(parse_entropy_epsilon))]
+#: How a word's row merges its pieces' rows (``pipelines.config.WORD_ROWS``).
+WordRows = Annotated[str, AfterValidator(_user_error(_known_word_rows))]
+
+
 class InputItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +109,15 @@ class AttentionRequest(BaseModel):
     stride: int = Field(64, ge=0)
     truncate: bool = False
     local_window: int = Field(2, ge=0, le=64)
+    punctuation: Punctuation = Field(
+        DEFAULT_RULE, description=f"keys mass_punct counts (tokens.is_punct): {' or '.join(RULES)}"
+                                  " (only '.' and ',', as Clark et al. 2019)")
+    entropy_epsilon: EntropyEpsilon = Field(
+        0.0, description="entropy of A' = (1 - e) A + e/n: e in [0, 1), or \"clark\" (1e-4, "
+                         "Clark et al. 2019)")
+    word_rows: WordRows = Field(
+        "mean", description="words analysis: a word's row is the mean of its pieces' rows, "
+                            "or 'first' (its first piece's row)")
     analyses: list[str] = Field(
         [], description="also return the tables of these analyses, e.g. head_patterns "
                         "(patterns) and words + word_attention (words)")
@@ -112,6 +165,15 @@ class AttentionRequest(BaseModel):
         ids = [item.id for item in self.items() if item.id is not None]
         if len(ids) != len(set(ids)):
             raise ValueError("input ids must be unique within a request")
+        return self
+
+    @model_validator(mode="after")
+    def _store_keeps_one_convention(self) -> AttentionRequest:
+        defaults = (DEFAULT_RULE, 0.0, "mean")
+        if self.store and (self.punctuation, self.entropy_epsilon, self.word_rows) != defaults:
+            raise ValueError("store: the service dataset keeps the default conventions; send "
+                             "punctuation, entropy_epsilon and word_rows at their defaults, or "
+                             "leave store off")
         return self
 
     def items(self) -> list[InputItem]:

@@ -41,6 +41,8 @@ class DocumentJob:
     analyses: tuple[str, ...] = ()
     disable_heads: str | None = None  # HeadMask text, e.g. "3.5,0.*"
     capture_qk: bool = False  # also the qk table (torch backend only)
+    entropy_epsilon: float = 0.0  # RunConfig.entropy_epsilon
+    word_rows: str = "mean"  # RunConfig.word_rows
 
 
 def _tag(windows: list[Window], key: str) -> list[Window]:
@@ -66,6 +68,13 @@ def disabled_heads(backend: Backend, text: str | None) -> AbstractContextManager
     return backend.disabled_heads(HeadMask.parse(text, info.num_layers, info.num_heads))
 
 
+def job_config(job: DocumentJob, batch_tokens: int) -> RunConfig:
+    """The run settings of one document's request options."""
+    return RunConfig(attention=AttentionMode.parse(job.attention), local_window=job.local_window,
+                     batch_tokens=batch_tokens, analyses=job.analyses, capture_qk=job.capture_qk,
+                     entropy_epsilon=job.entropy_epsilon, word_rows=job.word_rows)
+
+
 def analyse_documents(backend: Backend, jobs: list[DocumentJob],
                       batch_tokens: int) -> list[dict[str, pa.Table]]:
     """head_stats and attention for every job, computed in as few forward passes as possible.
@@ -74,13 +83,10 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
     their windows); results come back in job order, under each job's own doc_id.
     """
     results: list[dict[str, pa.Table] | None] = [None] * len(jobs)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[RunConfig, str | None], list[int]] = {}
     for index, job in enumerate(jobs):
-        key = (job.attention, job.local_window, job.analyses, job.disable_heads, job.capture_qk)
-        groups.setdefault(key, []).append(index)
-    for (attention, local_window, analyses, disable_heads, qk), members in groups.items():
-        config = RunConfig(attention=AttentionMode.parse(attention), local_window=local_window,
-                           batch_tokens=batch_tokens, analyses=analyses, capture_qk=qk)
+        groups.setdefault((job_config(job, batch_tokens), job.disable_heads), []).append(index)
+    for (config, disable_heads), members in groups.items():
         windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
         with disabled_heads(backend, disable_heads):
             tables = model_tables(backend, windows, config)

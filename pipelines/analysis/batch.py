@@ -94,7 +94,8 @@ def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
     mode, info = config.attention, backend.info
     order = row_order(attn, mode.k if mode.kind == "topk" else None)  # one sort per batch
     stats = head_statistics(attn, flags, info.causal, config.local_window,
-                            has_sep=info.sep_token_id is not None, order=order)
+                            has_sep=info.sep_token_id is not None, order=order,
+                            entropy_epsilon=config.entropy_epsilon)
     kept = kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
     context = BatchContext(batch, attn, info, config)
     per_head = context.per_head_owner

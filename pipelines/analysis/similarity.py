@@ -29,19 +29,28 @@ PARTS = "_similarity"
 PAIR_KEYS = ("layer_a", "head_a", "layer_b", "head_b")
 
 
+#: ``head_similarity`` of the ``clark`` measure: the summed divergence, in float64 as a sum
+#: over a whole corpus, where the default measure has ``js_distance`` (schema.HEAD_SIMILARITY).
+HEAD_DIVERGENCE = pa.schema([*(schema.HEAD_SIMILARITY.field(k) for k in PAIR_KEYS),
+                             ("js_divergence", pa.float64()), ("n_rows", pa.int64())])
+
+
 def similarity_table(similarity: HeadSimilarity) -> pa.Table:
-    """Every ordered pair (a == b included), a-major: layer/head of both, distance, rows."""
+    """Every ordered pair (a == b included), a-major: layer/head of both, the measure's
+    column (``js_distance`` or ``js_divergence``), rows."""
     heads = similarity.num_heads
     size = similarity.num_layers * heads
     first, second = np.divmod(np.arange(size * size), size)
+    clark = similarity.measure == "clark"
+    values = similarity.distance().reshape(-1)
     return pa.table({
         "layer_a": pa.array(first // heads, schema.INDEX),
         "head_a": pa.array(first % heads, schema.INDEX),
         "layer_b": pa.array(second // heads, schema.INDEX),
         "head_b": pa.array(second % heads, schema.INDEX),
-        "js_distance": pa.array(similarity.distance().reshape(-1).astype(np.float32)),
+        similarity.column: pa.array(values if clark else values.astype(np.float32)),
         "n_rows": pa.array(np.full(size * size, similarity.rows, np.int64)),
-    })
+    }, schema=HEAD_DIVERGENCE if clark else schema.HEAD_SIMILARITY)
 
 
 class ShardSimilarity:
@@ -49,7 +58,8 @@ class ShardSimilarity:
     documents of the corpus (all documents when 0)."""
 
     def __init__(self, info: ModelInfo, config: RunConfig, shard: Shard) -> None:
-        self.similarity = HeadSimilarity(info.num_layers, info.num_heads)
+        self.similarity = HeadSimilarity(info.num_layers, info.num_heads,
+                                         measure=config.similarity_measure)
         limit = config.similarity_docs or float("inf")  # the first N documents of the corpus
         self.sampled = {doc.doc_id for index, doc in enumerate(shard.docs, shard.first_doc)
                         if index < limit}
@@ -71,9 +81,27 @@ def _finalise(root: Path, finals: dict[str, pa.Table]) -> None:
         finals.update(merge_similarity(root / PARTS))
 
 
+#: Measure → its manifest entry (``analyses.similarity``).
+_MEASURES = {
+    "distance": {
+        "column": "js_distance",
+        "distance": "sqrt(JS divergence, log base 2) per query row, unsmoothed",
+        "mean": "over every sampled valid query row of every window",
+        "clark_et_al_2019": "differs: they sum over rows the JS divergence in nats of maps "
+                            "smoothed as 0.999 A + 0.001/n (similarity_measure=clark)",
+    },
+    "clark": {
+        "column": "js_divergence",
+        "divergence": "JS divergence in nats per query row of maps smoothed as "
+                      "0.999 A + 0.001/n (n: the window's tokens)",
+        "sum": "over every sampled valid query row of every window",
+        "clark_et_al_2019": "same: their head_distances.py",
+    },
+}
+
+
 def _describe(config: RunConfig) -> dict:
-    return {"distance": "sqrt(JS divergence, log base 2) per query row",
-            "mean": "over every sampled valid query row of every window",
+    return {"measure": config.similarity_measure, **_MEASURES[config.similarity_measure],
             "documents": config.similarity_docs or "all"}
 
 

@@ -3,10 +3,12 @@
 A word is what the tokenizer's pre-tokenizer made of the text before splitting it into
 subwords (BERT: runs of letters or digits, each punctuation mark; GPT-2: a word with its
 leading space); every special token is a word of its own, and the two texts of a pair never
-share a word. For a word made of several tokens, the attention *to* it is the sum of the
-weights to its tokens and the attention *from* it is the mean of its tokens' rows, so every
-word row still sums to 1. A window that starts or ends inside a word keeps only the pieces it
-holds.
+share a word. (Clark et al.'s words were their corpus's given words, e.g. Penn Treebank
+tokens.) For a word made of several tokens, the attention *to* it is the sum of the weights
+to its tokens and the attention *from* it is the mean of its tokens' rows (``word_rows``
+``mean``, their paper) or its first token's row (``first``, their released script's
+default), so every word row still sums to 1. A window that starts or ends inside a word keeps
+only the pieces it holds.
 
 The merging of attention maps is tensor maths in :mod:`pipelines.compute.words`; this module
 decides the words of a window, builds the ``words`` and ``word_attention`` tables and declares
@@ -99,7 +101,7 @@ def word_attention_table(context: BatchContext) -> tuple[pa.Table, np.ndarray]:
     if mode.kind == "none":
         return word_attention_schema(full).empty_table(), np.zeros(0, np.int64)
     index = word_index(batch.windows, attn.shape[-1], attn.device)  # [B, S]
-    word_attn, word_valid = word_attention(attn, index)  # [L, B, H, W, W], [B, W]
+    word_attn, word_valid = word_attention(attn, index, config.word_rows)  # [L,B,H,W,W], [B,W]
     order = row_order(word_attn, mode.k if mode.kind == "topk" else None)
     kept = kept_weights(word_attn, word_valid, context.info.causal, mode, order.kth_largest)
     assert kept is not None  # only the "none" mode keeps nothing
@@ -113,9 +115,20 @@ def _per_batch(context: BatchContext) -> BatchTables:
     return {"word_attention": word_attention_table(context)}
 
 
+_FROM_WORD = {
+    "mean": ("mean of its tokens' rows", "same as their paper (mode='mean'); their released "
+             "script defaults to the first token's row (word_rows=first)"),
+    "first": ("its first token's row", "same as their released script's default "
+              "(bpe_utils.get_word_word_attention, mode='first'); the paper used the mean"),
+}
+
+
 def _describe(config: RunConfig) -> dict:
-    return {"to_word": "sum of the weights to its tokens",
-            "from_word": "mean of its tokens' rows", "unit": "pre-tokenizer words"}
+    from_word, relation = _FROM_WORD[config.word_rows]
+    return {"to_word": "sum of the weights to its tokens", "word_rows": config.word_rows,
+            "from_word": from_word, "unit": "pre-tokenizer words",
+            "clark_et_al_2019": f"{relation}; their words were their corpus's given words, "
+                                "here the tokenizer's pre-tokenizer words"}
 
 
 ANALYSIS = Analysis(

@@ -14,9 +14,19 @@ import numpy as np
 from pipelines.compute.stats import K90_MASS
 
 
+def smoothed_entropy(row: np.ndarray, epsilon: float) -> float:
+    """-sum_j p_j ln p_j, nats, of p = (1 - ε) ``row`` + ε / n over the row's n keys."""
+    n = len(row)
+    return -sum(p * math.log(p) for p in ((1 - epsilon) * a + epsilon / n for a in row))
+
+
 def one_head(a: np.ndarray, is_sep: np.ndarray, is_special: np.ndarray, is_punct: np.ndarray,
-             causal: bool, w: int, has_sep: bool) -> dict[str, float]:
-    """Statistics of one head; ``a`` is [n, n] over valid positions only."""
+             causal: bool, w: int, has_sep: bool,
+             entropy_epsilon: float = 0.0) -> dict[str, float]:
+    """Statistics of one head; ``a`` is [n, n] over valid positions only.
+
+    ``entropy_epsilon`` > 0 smooths the rows for ``entropy`` (not ``entropy_norm``).
+    """
     n = a.shape[0]
     a = a.astype(np.float64)
     rows: dict[str, list[float]] = {name: [] for name in (
@@ -28,7 +38,8 @@ def one_head(a: np.ndarray, is_sep: np.ndarray, is_special: np.ndarray, is_punct
         row = a[i]
         k_i = i + 1 if causal else n
         h = -sum(p * math.log(p) for p in row if p > 0)
-        rows["entropy"].append(h)
+        rows["entropy"].append(smoothed_entropy(row, entropy_epsilon) if entropy_epsilon
+                               else h)
         if k_i > 1:
             entropy_norm.append(h / math.log(k_i))
         rows["max_weight"].append(row.max())
@@ -59,11 +70,13 @@ def one_head(a: np.ndarray, is_sep: np.ndarray, is_special: np.ndarray, is_punct
 
 
 def all_heads(attn: np.ndarray, is_sep: np.ndarray, is_special: np.ndarray,
-              is_punct: np.ndarray, causal: bool, w: int, has_sep: bool) -> list[dict]:
+              is_punct: np.ndarray, causal: bool, w: int, has_sep: bool,
+              entropy_epsilon: float = 0.0) -> list[dict]:
     """Rows for every layer and head of one window; ``attn`` is [L, H, n, n]."""
     out = []
     for layer in range(attn.shape[0]):
         for head in range(attn.shape[1]):
-            stats = one_head(attn[layer, head], is_sep, is_special, is_punct, causal, w, has_sep)
+            stats = one_head(attn[layer, head], is_sep, is_special, is_punct, causal, w, has_sep,
+                             entropy_epsilon)
             out.append({"layer": layer, "head": head, **stats, "n_tokens": attn.shape[-1]})
     return out

@@ -1,13 +1,19 @@
 """Jensen–Shannon distances between attention heads, and a 2-D map of them for plotting.
 
-Clark et al. (2019, "What does BERT look at?", §6) compare two heads by the Jensen–Shannon
-divergence between their attention distributions, summed over the tokens of their data. Here,
-for heads a and b (all N = L·H heads of the model) and every valid query row i of a window,
-we take JSD(A_a[i], A_b[i]) with log base 2 (so 0..1) and its square root, the Jensen–Shannon
-distance. Two differences: we report the distance sqrt(JSD), which is a metric (so MDS of it
-is meaningful), not the divergence; and we average over rows instead of summing over tokens,
-every row seen weighing the same, so long and short documents weigh by their rows and runs
-of different sizes compare on one scale.
+Clark et al. (2019, "What does BERT look at?", §6; head_distances.py in their code) compare
+two heads by the Jensen–Shannon divergence between their attention maps, each smoothed as
+0.999 A + 0.001 / n (n: the map's length), in nats, summed over every query row of every
+document. Two measures, for heads a and b (all N = L·H heads of the model) over every valid
+query row i of a window:
+
+- ``distance`` (the default): sqrt(JSD(A_a[i], A_b[i])) with log base 2 (so 0..1), the
+  Jensen–Shannon distance, unsmoothed, averaged over the rows: a metric (so MDS of it is
+  meaningful) on one scale for runs of any size, every row weighing the same.
+- ``clark``: their number exactly: JSD in nats of the smoothed rows, summed over the rows.
+
+Every pair sees the same rows, so mean and sum, and the log base, order pairs alike; the
+square root of each row's divergence (before the mean) and the smoothing do not, and the two
+measures order a small share of head pairs differently (docs/analysis.md).
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ import torch
 #: Cells (head pairs × query rows × keys) per chunk of the pairwise computation.
 CHUNK_CELLS = 2**20
 _LN2 = math.log(2.0)
+#: Clark et al.'s smoothing of the maps before the divergence: 0.999 A + 0.001 / n.
+CLARK_SMOOTHING = 1e-3
+#: Measure → the ``head_similarity`` column holding it.
+COLUMNS = {"distance": "js_distance", "clark": "js_divergence"}
 
 
 def chunk_shape(n: int, pairs: int, cells: int) -> tuple[int, int]:
@@ -30,7 +40,8 @@ def chunk_shape(n: int, pairs: int, cells: int) -> tuple[int, int]:
 
 
 class HeadSimilarity:
-    """Mean Jensen–Shannon distance between every pair of heads, over all rows added.
+    """Jensen–Shannon distance (mean) or Clark et al.'s divergence (sum) between every pair
+    of heads, over all rows added; ``measure`` is ``distance`` or ``clark`` (module doc).
 
     Memory: the work runs in chunks of at most ``chunk_cells`` cells (head pairs × query
     rows × keys, or heads × rows × keys for the row entropies) in float64. A chunk peaks at 20
@@ -42,13 +53,18 @@ class HeadSimilarity:
     Float64 because sqrt amplifies rounding in a near-zero divergence.
     """
 
-    def __init__(self, num_layers: int, num_heads: int, *, chunk_cells: int = CHUNK_CELLS) -> None:
+    def __init__(self, num_layers: int, num_heads: int, *, chunk_cells: int = CHUNK_CELLS,
+                 measure: str = "distance") -> None:
         if num_layers < 1 or num_heads < 1:
             raise ValueError(f"{num_layers} layers × {num_heads} heads: both must be positive")
+        if measure not in COLUMNS:
+            raise ValueError(f"unknown measure {measure!r}: use {' or '.join(COLUMNS)}")
         self.num_layers, self.num_heads = num_layers, num_heads
+        self.measure = measure
+        self._smoothing = CLARK_SMOOTHING if measure == "clark" else 0.0
         self.chunk_cells = chunk_cells
         size = num_layers * num_heads
-        self._sums = np.zeros((size, size))  # [N, N]: sum over rows of sqrt(JSD), a < b only
+        self._sums = np.zeros((size, size))  # [N, N]: sum over rows of the measure, a < b only
         self._pairs = torch.from_numpy(np.stack(np.triu_indices(size, k=1)))  # [2, P]
         self.rows = 0
 
@@ -64,7 +80,7 @@ class HeadSimilarity:
                 self.rows += n
 
     def _add_window(self, window: torch.Tensor, n: int) -> None:
-        """Sums of sqrt(JSD) over the n valid rows of one window's [L, H, S, S] map."""
+        """Sums of the measure over the n valid rows of one window's [L, H, S, S] map."""
         pairs = self._pairs.to(window.device)  # [2, P]
         neg_entropy = self._row_neg_entropy(window, n)  # [N, n]
         pair_step, row_step = chunk_shape(n, pairs.shape[1], self.chunk_cells)
@@ -79,9 +95,13 @@ class HeadSimilarity:
 
     def _rows_of(self, window: torch.Tensor, heads: torch.Tensor, rows: slice,
                  n: int) -> torch.Tensor:
-        """[len(heads), rows, n] float64: query rows of flat head indices (layer·H + head)."""
+        """[len(heads), rows, n] float64: query rows of flat head indices (layer·H + head),
+        smoothed as (1 - δ) A + δ / n for the ``clark`` measure."""
         layer, head = heads // self.num_heads, heads % self.num_heads
-        return window[layer, head, rows, :n].double()
+        out = window[layer, head, rows, :n].double()
+        if self._smoothing:
+            out.mul_(1.0 - self._smoothing).add_(self._smoothing / n)
+        return out
 
     def _row_neg_entropy(self, window: torch.Tensor, n: int) -> torch.Tensor:
         """[N, n] float64: sum_j p_j ln p_j of every head's valid rows (0 ln 0 = 0)."""
@@ -97,7 +117,8 @@ class HeadSimilarity:
 
     def _row_distances(self, window: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                        rows: slice, n: int, neg_entropy: torch.Tensor) -> torch.Tensor:
-        """[p, rows] float64: sqrt(JSD) in bits for each pair and row.
+        """[p, rows] float64: the measure for each pair and row, sqrt(JSD) in bits
+        (``distance``) or JSD in nats (``clark``).
 
         JSD(p, q) = H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2; identical rows give m = p
         exactly, hence 0 exactly.
@@ -107,17 +128,25 @@ class HeadSimilarity:
         mean *= 0.5
         mean_term = torch.special.xlogy(mean, mean).sum(-1)  # [p, r]
         own = (neg_entropy[first, rows] + neg_entropy[second, rows]) * 0.5  # [p, r]
-        return ((own - mean_term) / _LN2).clamp_(min=0.0).sqrt_()
+        divergence = (own - mean_term).clamp_(min=0.0)  # nats
+        return divergence if self._smoothing else divergence.div_(_LN2).sqrt_()
+
+    @property
+    def column(self) -> str:
+        """The ``head_similarity`` column of this measure."""
+        return COLUMNS[self.measure]
 
     def distance(self) -> np.ndarray:
-        """[N, N] float64: mean over every row seen (each row weighs the same) of sqrt(JSD).
+        """[N, N] float64: ``distance``: mean over every row seen (each row weighs the same)
+        of sqrt(JSD) in bits; ``clark``: sum over every row seen of JSD in nats.
 
         Heads are ordered layer-major (index = layer · H + head); symmetric, 0 on the
         diagonal; NaN before any row was added.
         """
         if not self.rows:
             return np.full(self._sums.shape, np.nan)
-        return (self._sums + self._sums.T) / self.rows
+        total = self._sums + self._sums.T
+        return total if self._smoothing else total / self.rows
 
 
 def _precomputed_mds_options(mds_class: type) -> dict:

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-#: Column name → definition, written into every manifest.
+from pipelines.config import ENTROPY_EPSILONS
+
+#: Column name → definition, written into every manifest (with the job's option values).
 DEFINITIONS: dict[str, str] = {
-    "entropy": "mean_i of -sum_j A_ij ln A_ij, nats, 0 ln 0 = 0",
-    "entropy_norm": "mean over i with k_i > 1 of H_i / ln k_i; k_i = keys query i may see",
+    "entropy": "mean_i of -sum_j A'_ij ln A'_ij, nats, 0 ln 0 = 0, with A' = (1 - eps) A + "
+               "eps/n over the n keys and eps = entropy_epsilon (0: A' = A)",
+    "entropy_norm": "mean over i with k_i > 1 of H_i / ln k_i, H_i of A (never smoothed); "
+                    "k_i = keys query i may see",
     "max_weight": "mean_i max_j A_ij",
     "mass_self": "mean_i A_ii",
     "mass_prev": "mean_i A_i,i-1 (0 for i = 0)",
@@ -25,8 +29,8 @@ DEFINITIONS: dict[str, str] = {
     "mass_sep": "mean_i sum over separator keys j of A_ij (null without a separator token)",
     "mass_special": "mean_i sum over special keys j of A_ij; special = control tokens "
                     "(CLS/SEP/BOS/EOS/PAD, added or typed), never [UNK]/[MASK]",
-    "mass_punct": "mean_i sum over punctuation keys j of A_ij; punctuation = source "
-                  "characters all Unicode punctuation (white space aside)",
+    "mass_punct": "mean_i sum over punctuation keys j (tokens.is_punct: source characters, "
+                  "by the job's punctuation rule) of A_ij",
     "mean_distance": "mean_i sum_j A_ij |i - j|",
     "mass_window": "mean_i sum over |i - j| <= w of A_ij",
     "mass_sparse": "mean_i sum over (|i - j| <= w) or special j of A_ij",
@@ -35,6 +39,44 @@ DEFINITIONS: dict[str, str] = {
 }
 STAT_NAMES: tuple[str, ...] = tuple(k for k in DEFINITIONS if k != "n_tokens")
 K90_MASS = 0.9
+#: Clark et al.'s (2019) entropy smoothing: 0.9999 A + 1e-4 / n (General_Analysis.ipynb).
+CLARK_ENTROPY_EPSILON = ENTROPY_EPSILONS["clark"]
+
+#: How each statistic relates to Clark et al.'s released code (General_Analysis.ipynb), for
+#: the statistics that do not depend on the job's options; ``clark_relation`` adds the rest.
+_CLARK_FIXED: dict[str, str] = {
+    "mass_self": "same: their 'self' selector (np.eye(n))",
+    "mass_prev": "same: their 'left' selector (np.eye(n, n, -1), key i-1)",
+    "mass_next": "same: their 'right' selector (np.eye(n, n, 1), key i+1)",
+    "mass_first": "same on BERT: their 'cls' ([CLS] is token 0); GPT-2 has no [CLS]",
+    "mass_sep": "same: their 'sep' (every [SEP] key)",
+    "n_tokens": "same: their n (attns.shape[-1])",
+}
+_NOT_IN_CLARK = "not in Clark et al. (2019)"
+
+
+def clark_relation(punctuation: str, entropy_epsilon: float) -> dict[str, str]:
+    """Statistic → "same: ..." or "differs: ..." against Clark et al.'s code, for a job that
+    used punctuation rule ``punctuation`` and entropy smoothing ``entropy_epsilon``.
+
+    Means over query rows per window, like theirs per document; their corpus figure is the
+    unweighted mean over documents, as ``head_summary``'s ``<stat>_mean`` over windows.
+    """
+    relation = {name: _CLARK_FIXED.get(name, _NOT_IN_CLARK) for name in DEFINITIONS}
+    relation["mass_punct"] = (
+        "same: their 'punct' (keys whose token is '.' or ',')" if punctuation == "clark" else
+        "differs: they count only keys whose token is '.' or ','; this rule also counts "
+        "other punctuation, so mass_punct >= theirs (punctuation=clark gives theirs)")
+    if entropy_epsilon == CLARK_ENTROPY_EPSILON:
+        relation["entropy"] = ("same formula as their 'entropies': A' = 0.9999 A + 1e-4/n, "
+                               "-sum_j A' ln A' averaged over query rows (their NumPy ran it "
+                               "in float16 on float16 maps; here float32)")
+    else:
+        relation["entropy"] = (
+            f"differs: they smooth A' = 0.9999 A + 1e-4/n first, this job used eps = "
+            f"{entropy_epsilon:g}; smoothing only raises entropy, most in peaked heads "
+            "(entropy_epsilon=clark gives theirs)")
+    return relation
 
 
 @dataclass
@@ -121,12 +163,32 @@ def row_entropy(attn: torch.Tensor) -> torch.Tensor:
     return attn.clamp_min(tiny).log_().mul_(attn).sum(-1).neg_()
 
 
+def smoothed_row_entropy(attn: torch.Tensor, valid: torch.Tensor,
+                         epsilon: float) -> torch.Tensor:
+    """[L, B, H, S] nats: -sum_j A'_ij ln A'_ij over the n valid keys, A' = (1 - ε) A + ε / n.
+
+    ``attn`` [L, B, H, S, S] has zeros on padded keys, ``valid`` [B, S]; n is each window's
+    valid tokens (Clark et al. 2019 smooth with ε = 1e-4 over the whole map's length). With
+    c = ε / n, -sum_j A' ln A' = -((1 - ε) sum_j A_ij ln A'_ij + c sum_j ln A'_ij); one
+    scratch buffer holds ln A', which is exactly ln c on the S - n padded keys (A = 0 there).
+    """
+    n = valid.sum(-1).clamp(min=1)  # [B]
+    spread = (epsilon / n.to(attn.dtype))[None, :, None, None]  # c, [1, B, 1, 1]
+    logs = attn.mul(1.0 - epsilon).add_(spread[..., None]).log_()  # ln A' >= ln c, finite
+    padded = (attn.shape[-1] - n)[None, :, None, None] * spread.log()  # (S - n) ln c
+    log_sum = logs.sum(-1) - padded  # sum over the valid keys of ln A'
+    weighted = logs.mul_(attn).sum(-1)  # sum_j A_ij ln A'_ij (A = 0 on padded keys)
+    return -((1.0 - epsilon) * weighted + spread * log_sum)
+
+
 def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
-                    has_sep: bool, order: RowOrder | None = None) -> dict[str, torch.Tensor]:
+                    has_sep: bool, order: RowOrder | None = None,
+                    entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
     """Every statistic as a [L, B, H] float32 tensor (``n_tokens`` as [B]).
 
     ``attn`` is [L, B, H, S, S] float32 with zeros on padded keys; padded query rows are
     ignored whatever they hold. ``order`` (from ``row_order``) is reused if given.
+    ``entropy_epsilon`` > 0 smooths the maps of ``entropy`` (``smoothed_row_entropy``).
     """
     size = attn.shape[-1]
     q = flags.valid.float()  # [B, S]: query rows that count
@@ -152,7 +214,8 @@ def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_win
     k90_rows = torch.minimum(order.k90, k_i[None, :, None, :].clamp(min=1))
 
     stats = {
-        "entropy": row_mean(entropy_rows),
+        "entropy": row_mean(entropy_rows if not entropy_epsilon else
+                            smoothed_row_entropy(attn, flags.valid, entropy_epsilon)),
         "entropy_norm": entropy_norm,
         "max_weight": row_mean(order.max_weight),
         "mass_self": row_mean(_diagonal(attn, 0)),

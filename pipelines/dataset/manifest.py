@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from pipelines.compute.stats import DEFINITIONS, K90_MASS, clark_relation
 from pipelines.dataset.formats import (  # noqa: F401  (the writers import them from here)
     ABLATION_FORMAT,
     DATASET_FORMAT,
@@ -21,6 +22,7 @@ from pipelines.dataset.formats import (  # noqa: F401  (the writers import them 
     UNSIGNED_FORMATS,
 )
 from pipelines.models import ModelInfo
+from pipelines.text import punctuation as punctuation_rules
 from pipelines.version import STATS_VERSION, __version__
 
 #: The model fields a corpus dataset records.
@@ -53,6 +55,25 @@ def model_entry(info: ModelInfo, fields: Sequence[str] | None = DATASET_MODEL_FI
     """``info``'s ``fields`` (None: all of them) and any ``extra`` facts, for the manifest."""
     names = fields if fields is not None else info.__dataclass_fields__
     return {**{name: getattr(info, name) for name in names}, **extra}
+
+
+def statistics_entry(punctuation: str, entropy_epsilon: float,
+                     local_window: int | None = None) -> dict:
+    """The manifest's ``statistics``: every definition, the constants and options they use,
+    and how each statistic relates to Clark et al.'s (2019) code under those options.
+
+    ``local_window`` None leaves it out (the service's store, where requests choose it).
+    """
+    entry: dict = {"definitions": DEFINITIONS, "k90_mass": K90_MASS}
+    if local_window is not None:
+        entry["local_window"] = local_window
+    entry.update({
+        "entropy_unit": "nats", "entropy_epsilon": entropy_epsilon,
+        "punctuation": {"rule": punctuation,
+                        "definition": punctuation_rules.definition(punctuation)},
+        "clark_et_al_2019": clark_relation(punctuation, entropy_epsilon),
+    })
+    return entry
 
 
 def job_key(keyed: object) -> str:

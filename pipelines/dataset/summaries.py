@@ -20,19 +20,28 @@ from pipelines.dataset import schema
 
 
 def merge_similarity(parts_dir: Path) -> dict[str, pa.Table]:
-    """``head_similarity`` (row-weighted mean over the shards) and ``head_coords`` (2-D MDS)."""
-    parts = pq.read_table(parts_dir).to_pandas()
+    """``head_similarity`` and ``head_coords`` (2-D MDS) from the shards' partial tables.
+
+    A ``js_distance`` column (a mean over rows) merges as the row-weighted mean over the
+    shards; a ``js_divergence`` column (Clark et al.'s sum over rows) as the sum.
+    """
+    arrow = pq.read_table(parts_dir)
+    parts = arrow.to_pandas()
     keys = ["layer_a", "head_a", "layer_b", "head_b"]
+    summed = "js_divergence" in parts  # Clark et al.'s measure, else the mean distance
+    value = "js_divergence" if summed else "js_distance"
     parts = parts[parts["n_rows"] > 0]
-    parts["weighted"] = parts["js_distance"].astype(np.float64) * parts["n_rows"]
+    parts["weighted"] = parts[value].astype(np.float64) * (1 if summed else parts["n_rows"])
     merged = parts.groupby(keys, sort=True)[["weighted", "n_rows"]].sum().reset_index()
-    merged["js_distance"] = (merged["weighted"] / merged["n_rows"]).astype(np.float32)
-    table = pa.Table.from_pandas(merged[[*keys, "js_distance", "n_rows"]],
-                                 schema=schema.HEAD_SIMILARITY, preserve_index=False)
+    merged[value] = (merged["weighted"] if summed
+                     else (merged["weighted"] / merged["n_rows"]).astype(np.float32))
+    table = pa.Table.from_pandas(merged[[*keys, value, "n_rows"]],
+                                 schema=arrow.schema.remove_metadata(),
+                                 preserve_index=False)
     if table.num_rows == 0:
         return {"head_similarity": table, "head_coords": schema.HEAD_COORDS.empty_table()}
     layers, heads = int(merged["layer_a"].max()) + 1, int(merged["head_a"].max()) + 1
-    distance = merged["js_distance"].to_numpy(np.float64).reshape(layers * heads, -1)
+    distance = merged[value].to_numpy(np.float64).reshape(layers * heads, -1)
     xy = coordinates(distance)
     layer, head = np.divmod(np.arange(layers * heads), heads)
     coords = pa.table({"layer": layer.astype(np.int32), "head": head.astype(np.int32),

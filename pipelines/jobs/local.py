@@ -16,9 +16,15 @@ from tqdm.auto import tqdm
 from pipelines.analysis import registry
 from pipelines.analysis.batch import analyse_windows, check_capture
 from pipelines.backends import Backend, create_backend
-from pipelines.compute.stats import DEFINITIONS, K90_MASS
+from pipelines.compute.stats import DEFINITIONS
 from pipelines.config import RunConfig
-from pipelines.dataset.manifest import DATASET_FORMAT, header, job_key, model_entry
+from pipelines.dataset.manifest import (
+    DATASET_FORMAT,
+    header,
+    job_key,
+    model_entry,
+    statistics_entry,
+)
 from pipelines.dataset.writer import DatasetWriter
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.models import ModelInfo
@@ -73,8 +79,8 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
         "config": config.to_dict(),
         "attention_mode": str(config.attention),
         "analyses": describe_analyses(config),
-        "statistics": {"definitions": DEFINITIONS, "k90_mass": K90_MASS,
-                       "local_window": config.local_window, "entropy_unit": "nats"},
+        "statistics": statistics_entry(config.windows.punctuation, config.entropy_epsilon,
+                                       config.local_window),
         "input": {"files": summary.files, "documents": summary.documents,
                   "characters": summary.characters,
                   "skipped_blank_lines": summary.skipped_blank_lines,

@@ -8,7 +8,6 @@ span of document tokens it covers, so nothing is dropped without a trace.
 from __future__ import annotations
 
 import copy
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ from tokenizers import Encoding
 
 from pipelines.config import ConfigError, WindowConfig
 from pipelines.models import ModelInfo
+from pipelines.text.punctuation import punctuation_rule
 
 # --- the one input rule ----------------------------------------------------------------------
 #
@@ -113,14 +113,6 @@ class NoContentError(ConfigError):
     """A text (or pair) of which the tokenizer makes no token but special ones."""
 
 
-def is_punctuation(surface: str) -> bool:
-    """True if ``surface``, the source characters of a token, is Unicode punctuation only
-    (white space aside). Taken from the text, not the token string, so every tokenizer family
-    (WordPiece "##", byte-level "Ġ", SentencePiece "▁") gets the same answer."""
-    text = surface.strip()
-    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
-
-
 def control_token_ids(tokenizer) -> np.ndarray:
     """Sorted int64 ids of the tokens that are not text: the tokenizer's special tokens
     ([CLS], [SEP], [PAD], <s>, </s>, <|endoftext|>, chat markers...) and every added token it
@@ -161,6 +153,7 @@ class Windower:
         self.stride = config.stride
         self.truncate = config.truncate
         self.control_ids = control_token_ids(tokenizer)
+        self.is_punct = punctuation_rule(config.punctuation)  # pipelines.text.punctuation
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
                 f"stride {self.stride} must be smaller than the "
@@ -247,7 +240,7 @@ class Windower:
             for token, pair_token, (a, b), was_added
             in zip(enc.tokens, is_pair, offsets, added, strict=True)
         ]
-        punct = np.array([not sp and is_punctuation(text) for text, sp in zip(
+        punct = np.array([not sp and self.is_punct(text) for text, sp in zip(
             surfaces, special, strict=True)], dtype=bool)
         return Window(
             doc=doc, window=index, n_windows=n_windows, token_start=start, token_end=end,

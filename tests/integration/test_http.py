@@ -610,6 +610,9 @@ def test_store_appends_parts_under_dataset_root(service: Service) -> None:
     manifest = Dataset.open(root).manifest
     assert manifest["status"] == "open" and manifest["input"] == {"source": "http"}
     assert manifest["model"]["num_layers"] == 6 and manifest["runtime"]["device"] == "cpu"
+    statistics = manifest["statistics"]  # store takes only the default conventions
+    assert (statistics["punctuation"]["rule"], statistics["entropy_epsilon"]) == ("unicode", 0)
+    assert statistics["clark_et_al_2019"]["mass_punct"].startswith("differs")
     for name in SCHEMAS:
         stored = pa.Table.from_pandas(pd.read_parquet(root / name), preserve_index=False)
         # exact: the stored rows are the response's rows, float32 written losslessly
@@ -645,6 +648,20 @@ def test_store_refuses_a_folder_of_format_1(service: Service) -> None:
         assert json.loads((root / "manifest.json").read_text()) == old
     finally:
         shutil.rmtree(root)
+
+
+def test_clark_conventions_are_request_options(service: Service) -> None:
+    text = {"texts": ["Wait: is it done? Yes; no (maybe), fine."], "attention": "none"}
+    default = ok(service.post(text))
+    clark = ok(service.post({**text, "punctuation": "clark", "entropy_epsilon": "clark"}))
+    punct = [row["token"] for row in clark["tokens"] if row["is_punct"]]
+    assert punct == [",", "."] and sum(row["is_punct"] for row in default["tokens"]) == 7
+    for mine, theirs in zip(default["head_stats"], clark["head_stats"], strict=True):
+        # more keys' weights summed: never less, up to float32 rounding (STAT_ATOL, 1e-5)
+        assert mine["mass_punct"] >= theirs["mass_punct"] - 1e-5
+        assert theirs["entropy"] >= mine["entropy"] - 1e-5  # smoothing raises it
+    refused = service.post({**text, "store": True, "punctuation": "clark"})
+    assert refused.status_code == 422 and "default conventions" in refused.text
 
 
 def test_store_folder_is_the_public_model_name(service: Service) -> None:

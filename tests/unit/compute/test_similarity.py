@@ -293,3 +293,21 @@ def test_coordinates_reject_bad_input() -> None:
         coordinates(np.zeros((3, 4)))
     with pytest.raises(ValueError):
         coordinates(np.full((3, 3), np.nan))
+
+
+def test_clark_measure_table_holds_the_summed_divergence() -> None:
+    attn, valid = random_batch([5, 8], seed=21)
+    sim = similarity_of(attn, valid, measure="clark")
+    table = similarity_table(sim)
+    assert table.schema.names == ["layer_a", "head_a", "layer_b", "head_b", "js_divergence",
+                                  "n_rows"]
+    assert table.schema.field("js_divergence").type == pa.float64()
+    # exact: the table holds distance() itself, flattened a-major
+    np.testing.assert_array_equal(table["js_divergence"].to_numpy(), sim.distance().reshape(-1))
+    # a sum over rows: one window's rows added twice give exactly twice (x + x is exact)
+    one, twice = (similarity_of(attn[:, :1], valid[:1], measure="clark") for _ in range(2))
+    twice.add(attn[:, :1], valid[:1])
+    np.testing.assert_array_equal(twice.distance(), 2 * one.distance())
+    assert twice.rows == 2 * one.rows == 10
+    with pytest.raises(ValueError, match="unknown measure 'kl'"):
+        HeadSimilarity(2, 3, measure="kl")

@@ -55,12 +55,12 @@ def has_sep(backend: TorchBackend) -> bool:
 
 
 def reference_rows(attn: torch.Tensor, b: int, window: Window, backend: TorchBackend,
-                   w: int = LOCAL_WINDOW) -> list[dict]:
+                   w: int = LOCAL_WINDOW, entropy_epsilon: float = 0.0) -> list[dict]:
     """Reference statistics of batch row ``b`` on its un-padded [L, H, n, n] slice."""
     n = window.n_tokens
     sliced = attn[:, b, :, :n, :n].numpy()
     return reference.all_heads(sliced, window.is_sep, window.is_special, window.is_punct,
-                               backend.info.causal, w, has_sep(backend))
+                               backend.info.causal, w, has_sep(backend), entropy_epsilon)
 
 
 def assert_close(actual: float | None, expected: float | None, what: str) -> None:
@@ -89,13 +89,21 @@ def keyed_rows(table: pa.Table, keys: list[str]) -> dict[tuple, dict]:
 # vectorised statistics vs. the reference on real attentions
 
 
-def test_head_stats_match_reference_on_padded_batch(backend: TorchBackend) -> None:
+#: Entropy smoothing: none, Clark et al.'s, and one large enough that its ε/n term dominates
+#: the rows' small weights (the smoothed entropy's terms are ≤ 0 each, so no cancellation).
+EPSILONS = [0.0, 1e-4, 0.25]
+
+
+@pytest.mark.parametrize("epsilon", EPSILONS)
+def test_head_stats_match_reference_on_padded_batch(backend: TorchBackend,
+                                                    epsilon: float) -> None:
     windows = make_windows(backend, sample_docs(backend))
     lengths = {w.n_tokens for w in windows}
     assert len(lengths) > 2, "the batch must mix lengths so that padding is exercised"
     batch = collate(windows, backend.info.pad_token_id)
     attn = backend.attentions(batch)
-    config = RunConfig(local_window=LOCAL_WINDOW, attention=AttentionMode("none"))
+    config = RunConfig(local_window=LOCAL_WINDOW, attention=AttentionMode("none"),
+                       entropy_epsilon=epsilon)
     table = analyse_batch(backend, batch, config)["head_stats"]
     info = backend.info
     assert table.num_rows == len(windows) * info.num_layers * info.num_heads
@@ -103,7 +111,7 @@ def test_head_stats_match_reference_on_padded_batch(backend: TorchBackend) -> No
 
     checked = 0
     for b, window in enumerate(windows):
-        for ref in reference_rows(attn, b, window, backend):
+        for ref in reference_rows(attn, b, window, backend, entropy_epsilon=epsilon):
             row = rows[(window.doc.doc_id, window.window, ref["layer"], ref["head"])]
             assert row["n_tokens"] == window.n_tokens == ref["n_tokens"]
             for name in STAT_NAMES:

@@ -51,3 +51,33 @@ def test_text_of_only_a_bom_is_blank(payload: dict) -> None:
 def test_location_names_the_request_field() -> None:
     assert AttentionRequest.model_validate({"texts": ["a", "b"]}).location(1) == "texts.1"
     assert AttentionRequest.model_validate({"inputs": [{"text": "a"}]}).location(0) == "inputs.0"
+
+
+def test_statistics_conventions_parse_like_the_command_line() -> None:
+    request = AttentionRequest.model_validate(
+        {"texts": ["a"], "punctuation": "clark", "entropy_epsilon": "clark", "word_rows": "first"})
+    assert (request.punctuation, request.entropy_epsilon, request.word_rows) == \
+           ("clark", 1e-4, "first")
+    defaults = AttentionRequest.model_validate({"texts": ["a"]})
+    assert (defaults.punctuation, defaults.entropy_epsilon, defaults.word_rows) == \
+           ("unicode", 0.0, "mean")
+    assert AttentionRequest.model_validate({"texts": ["a"], "entropy_epsilon": 0.01}
+                                           ).entropy_epsilon == 0.01
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("punctuation", "ascii", "unknown punctuation rule 'ascii': use unicode or clark"),
+    ("entropy_epsilon", 1.5, "entropy epsilon 1.5"),
+    ("entropy_epsilon", "lots", "entropy epsilon 'lots'"),
+    ("word_rows", "max", "unknown word rows 'max': use mean or first"),
+])
+def test_unknown_conventions_are_refused_with_the_choices(field: str, value: object,
+                                                          message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AttentionRequest.model_validate({"texts": ["a"], field: value})
+
+
+def test_store_keeps_the_default_conventions() -> None:
+    AttentionRequest.model_validate({"texts": ["a"], "store": True})
+    with pytest.raises(ValidationError, match="store: the service dataset keeps the default"):
+        AttentionRequest.model_validate({"texts": ["a"], "store": True, "punctuation": "clark"})

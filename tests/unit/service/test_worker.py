@@ -131,3 +131,29 @@ def test_duplicate_ids_get_their_own_rows(jobs: list[DocumentJob], batched: list
     assert first["n_tokens"].to_pylist()[0] == jobs[0].windows[0].n_tokens
     assert second["n_tokens"].to_pylist()[0] == jobs[1].windows[0].n_tokens
     assert jobs[0].windows[0].n_tokens != jobs[1].windows[0].n_tokens
+
+
+def test_statistics_conventions_are_per_job(minilm: TorchBackend) -> None:
+    """Clark et al.'s entropy smoothing and word rows for one job, the defaults for another,
+    in one call: each gets what model_tables gives its own options alone."""
+    text = "Unbelievably, the antidisestablishmentarian cat sat."
+    plain = DocumentJob(windows_for(minilm, "p", text), "topk:4", 2, ("words",))
+    clark = DocumentJob(windows_for(minilm, "c", text), "topk:4", 2, ("words",),
+                        entropy_epsilon=1e-4, word_rows="first")
+    got = analyse_documents(minilm, [plain, clark], batch_tokens=8192)
+    configs = [RunConfig(attention=AttentionMode.parse("topk:4"), analyses=("words",)),
+               RunConfig(attention=AttentionMode.parse("topk:4"), analyses=("words",),
+                         entropy_epsilon=1e-4, word_rows="first")]
+    for job, result, config in zip((plain, clark), got, configs, strict=True):
+        want = model_tables(minilm, job.windows, config)
+        assert_same_tables(result, want, "topk:4")
+        # word weights: the same batch shapes (one window each way), other padding at most
+        np.testing.assert_allclose(result["word_attention"]["weight"].to_numpy(),
+                                   want["word_attention"]["weight"].to_numpy(), rtol=0,
+                                   atol=STAT_ATOL)
+    entropy = [result["head_stats"]["entropy"].to_numpy() for result in got]
+    # smoothing raises every head's entropy (float32 rounding aside: STAT_ATOL)
+    assert (entropy[1] >= entropy[0] - STAT_ATOL).all() and (entropy[1] - entropy[0]).max() > 5e-4
+    first_rows = got[1]["word_attention"]["weight"].to_numpy()
+    assert len(first_rows) == len(got[0]["word_attention"]) and not np.allclose(
+        first_rows, got[0]["word_attention"]["weight"].to_numpy())

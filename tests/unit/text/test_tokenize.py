@@ -10,13 +10,13 @@ from conftest import SAMPLE_TEXTS
 
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.config import ConfigError, WindowConfig
+from pipelines.text.punctuation import is_punctuation
 from pipelines.text.tokenize import (
     BlankText,
     Document,
     NoContentError,
     Window,
     Windower,
-    is_punctuation,
 )
 
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2
