@@ -121,20 +121,6 @@ def is_punctuation(surface: str) -> bool:
     return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
 
 
-#: How white space is drawn when a token covers nothing else (GPT-2's newline and space tokens).
-_WHITESPACE_SHOWN = {"\n": "\\n", "\r": "\\r", "\t": "\\t", " ": "␣"}
-
-
-def display_label(surface: str, token: str) -> str:
-    """What a person is shown for a token: its source characters (``surface``), white space
-    trimmed, so byte-level BPE reads "café", not "ĠcafÃ©"; a token of white space only shows
-    it escaped ("\\n", "␣"); one whose offsets the tokenizer trimmed to nothing (RoBERTa's
-    lone "Ġ"), its token string."""
-    if not surface:
-        return token
-    return surface.strip() or "".join(_WHITESPACE_SHOWN.get(c, c) for c in surface)
-
-
 def control_token_ids(tokenizer) -> np.ndarray:
     """Sorted int64 ids of the tokens that are not text: the tokenizer's special tokens
     ([CLS], [SEP], [PAD], <s>, </s>, <|endoftext|>, chat markers...) and every added token it

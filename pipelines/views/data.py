@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.dataset.labels import display_label
 from pipelines.dataset.reader import Dataset
-from pipelines.text.tokenize import display_label
 
 FORMAT = "headscope-view/1"
 #: Optional table of query/key vectors (``--capture-qk``; schema ``schema.qk_schema``).

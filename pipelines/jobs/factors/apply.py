@@ -37,6 +37,7 @@ from pipelines.analysis.batch import sort_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
+from pipelines.dataset.labels import display_label
 from pipelines.dataset.manifest import FACTOR_CODES_FORMAT, FACTORS_FORMAT, header
 from pipelines.dataset.tables import documents_table, tokens_table
 from pipelines.dataset.writer import (
@@ -50,7 +51,7 @@ from pipelines.jobs.factors.train import DICTIONARY, MANIFEST
 from pipelines.jobs.local import survey
 from pipelines.text.inputs import Columns, expand, validate
 from pipelines.text.plan import Shard, unit_shards
-from pipelines.text.tokenize import Windower, display_label
+from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
 #: Tokens of context kept on each side of a top activation.
