@@ -7,8 +7,10 @@ Layout::
     DIR/head_summary/part-00000.parquet
     DIR/_shards/00000.json         written after all parts of a shard: the shard is finished
 
-A file appears only complete (written to a temporary name, then renamed). A shard without a
-marker is rewritten on resume, so no row is lost or duplicated.
+A file appears only complete (written to a temporary name, then renamed). Temporary names
+start with ``.tmp-`` (hidden: pandas and pyarrow skip them) and end with ``.tmp``, so that a
+``*.parquet`` glob of DuckDB or Polars, which do read hidden files, never matches one. A
+shard without a marker is rewritten on resume, so no row is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class OutputError(ValueError):
 #: The process umask, read once at import (os.umask is the only portable way to read it).
 UMASK = os.umask(0o022)
 os.umask(UMASK)
+#: Temporary files: ``.tmp-<random><suffix>.tmp``; a ``*.parquet`` glob never matches one.
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"
+
+
+def temp_file(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (descriptor, name), named per ``TEMP_PREFIX``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX,
+                            suffix=path.suffix + TEMP_SUFFIX)
 
 
 def publish(tmp: str | Path, path: Path) -> None:
@@ -49,8 +60,7 @@ def publish(tmp: str | Path, path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = temp_file(path)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -63,8 +73,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 
 def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    fd, tmp = temp_file(path)
     os.close(fd)
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
@@ -140,7 +149,7 @@ class DatasetWriter:
             for path in folder.iterdir():
                 unfinished_part = (path.name.startswith("part-") and path.suffix == ".parquet"
                                    and path.name not in finished)
-                if path.name.startswith(".tmp-") or (shard_parts and unfinished_part):
+                if path.name.startswith(TEMP_PREFIX) or (shard_parts and unfinished_part):
                     path.unlink()
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, int]:
