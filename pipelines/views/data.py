@@ -284,13 +284,13 @@ def select(dataset: Dataset | str | Path, doc_id: str, window: int | None = None
         raise ValueError(f"{ds.root} stores no attention weights (attention mode 'none'); "
                          "re-run the job with --attention topk:K (or threshold:T, full)")
     thin = Thinning.of(model, layers, heads, top_k)
-    docs = _document_windows(ds, doc_id, window)
+    docs = document_rows(ds, doc_id, window)
     present = pq.ParquetDataset(ds.root / "tokens").schema.names
-    tokens = _read(ds.root, "tokens", doc_id, window,
+    tokens = read_rows(ds.root, "tokens", doc_id, window,
                    [name for name in TOKEN_COLUMNS if name in present])
-    weights = thin.weights(_read(ds.root, "attention", doc_id, window, _ATTENTION_COLUMNS,
-                                 thin.filters()))
-    vectors = (_read(ds.root, QK_TABLE, doc_id, window, None, thin.filters())
+    weights = thin.weights(read_rows(ds.root, "attention", doc_id, window, _ATTENTION_COLUMNS,
+                                     thin.filters()))
+    vectors = (read_rows(ds.root, QK_TABLE, doc_id, window, None, thin.filters())
                if qk and (ds.root / QK_TABLE).is_dir() else None)
     return Selection(model, mode, doc_id, docs, tokens, weights, vectors, thin)
 
@@ -316,7 +316,7 @@ def build_payload(model: dict, mode: str, doc_id: str, docs: list[dict], tokens:
                      thin).payload()
 
 
-def _document_windows(ds: Dataset, doc_id: str, window: int | None) -> list[dict]:
+def document_rows(ds: Dataset, doc_id: str, window: int | None) -> list[dict]:
     """The ``documents`` rows of ``doc_id`` (one per window), checked against ``window``."""
     columns = ["window", "n_windows", "token_start", "token_end", "n_tokens"]
     rows = ds.table("documents", filters=[("doc_id", "==", doc_id)], columns=columns)
@@ -335,8 +335,8 @@ def _document_windows(ds: Dataset, doc_id: str, window: int | None) -> list[dict
     return [rows[window]]
 
 
-def _read(root: Path, table: str, doc_id: str, window: int | None,
-          columns: list[str] | None, more: list | None = None) -> pa.Table:
+def read_rows(root: Path, table: str, doc_id: str, window: int | None,
+              columns: list[str] | None, more: list | None = None) -> pa.Table:
     """Rows of one document (optionally one window, and ``more`` filters), filtered inside
     the Parquet scan."""
     filters: list[tuple] = [("doc_id", "==", doc_id)]

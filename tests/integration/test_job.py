@@ -24,6 +24,7 @@ from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.stats import DEFINITIONS, STAT_NAMES
 from pipelines.config import AttentionMode, ConfigError, RunConfig, WindowConfig
 from pipelines.dataset import schema
+from pipelines.dataset.writer import TEMP_PREFIX, TEMP_SUFFIX
 from pipelines.jobs.local import run_job, survey
 from pipelines.text.inputs import Columns, expand
 from pipelines.text.tokenize import Windower
@@ -260,7 +261,8 @@ def interrupt_like_a_kill(out: Path, marker_tmp: bool) -> None:
     last.unlink()
     (out / "tokens" / f"part-{int(last.stem):05d}.parquet").unlink()
     folder = out / ("_shards" if marker_tmp else "attention")
-    (folder / (".tmp-k1ll3d" + (".json" if marker_tmp else ".parquet"))).write_bytes(b"{\"doc")
+    suffix = (".json" if marker_tmp else ".parquet") + TEMP_SUFFIX  # as the writer names them
+    (folder / (TEMP_PREFIX + "k1ll3d" + suffix)).write_bytes(b"{\"doc")
     meta = manifest(out)
     meta["status"] = "running"
     (out / "manifest.json").write_text(json.dumps(meta))

@@ -272,6 +272,6 @@ def _save(out: Path, learner: DictionaryLearner, manifest: dict, overwrite: bool
     if overwrite and (out / MANIFEST).is_file():
         (out / MANIFEST).unlink()
     out.mkdir(parents=True, exist_ok=True)
-    with replacing(out / DICTIONARY, ".safetensors") as tmp:
+    with replacing(out / DICTIONARY) as tmp:
         save_file({"dictionary": learner.dictionary.detach().cpu().contiguous()}, tmp)
     atomic_write_json(out / MANIFEST, manifest)

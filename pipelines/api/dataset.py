@@ -1,8 +1,8 @@
-"""The Python front door for notebooks: datasets that also show their documents.
+"""Datasets that also show their documents, in HTML or in BertViz.
 
 ``pipelines.Dataset`` is :class:`pipelines.dataset.reader.Dataset` (tables as pandas frames)
-plus :meth:`Dataset.view`, which needs the views; the reader itself never imports them, so
-data access does not depend on presentation.
+plus :meth:`Dataset.view` and :meth:`Dataset.to_bertviz`, which need the views; the reader
+itself never imports them, so data access does not depend on presentation.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipelines.dataset import reader
 from pipelines.views import DocumentView
+from pipelines.views.bertviz import BertVizInput, bertviz_input
 from pipelines.views.data import Indices
 
 
@@ -30,6 +31,16 @@ class Dataset(reader.Dataset):
         """
         return DocumentView(self, doc_id, window, qk=qk, layers=layers, heads=heads,
                             top_k=top_k, force=force)
+
+    def to_bertviz(self, doc_id: str, window: int = 0,
+                   allow_sparse: bool = False) -> BertVizInput:
+        """``bertviz.head_view(**ds.to_bertviz(doc_id))``: one window's attention (a float32
+        [1, H, n, n] tensor per layer), token labels and ``sentence_b_start`` (pairs).
+
+        Needs a dataset made with ``--attention full``: ValueError otherwise, unless
+        ``allow_sparse`` (weights not kept are then 0). KeyError for an unknown document.
+        """
+        return bertviz_input(self, doc_id, window, allow_sparse)
 
 
 def open_dataset(root: str | Path) -> Dataset:
