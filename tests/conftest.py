@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,24 @@ def build_sentencepiece_tokenizer():
                                                        special_tokens=[bos])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+#: How tests run the command line: the installed console script, else ``python -m pipelines``.
+SCRIPT = Path(sys.executable).parent / "headscope"
+CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one command did: its exit status and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
 
 
 def free_port() -> int:

@@ -16,30 +16,15 @@ import functools
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import CLI, Outcome
 
-SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 #: How a mount namespace is entered, best first (None: in this namespace, unmounting at exit).
 ENTRIES: tuple[tuple[str, ...] | None, ...] = (("unshare", "-rm"), ("unshare", "-m"), None)
-
-
-@dataclass(frozen=True)
-class Step:
-    """What one command of a script did: its exit status and output."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
 
 
 def _wrap(entry: tuple[str, ...] | None, mount: Path, size: str, script: str) -> list[str]:
@@ -99,8 +84,8 @@ def cli_line(args: list[str | Path], logs: Path, name: str) -> str:
     return f"{command} >{out}.out 2>{out}.err; echo $? >{out}.rc"
 
 
-def step(logs: Path, name: str) -> Step:
+def step(logs: Path, name: str) -> Outcome:
     """What the command that :func:`cli_line` named ``name`` did."""
     read = functools.partial(Path.read_text, encoding="utf-8")
-    return Step(int(read(logs / f"{name}.rc")), read(logs / f"{name}.out"),
+    return Outcome(int(read(logs / f"{name}.rc")), read(logs / f"{name}.out"),
                 read(logs / f"{name}.err"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_TEXTS
+from conftest import CLI, SAMPLE_TEXTS
 
 from pipelines.analysis import registry
 from pipelines.analysis.batch import model_tables, sort_tables
@@ -31,8 +30,6 @@ from pipelines.text.tokenize import Document, Windower
 ANALYSES = ("patterns", "words", "similarity")
 WINDOWS = WindowConfig(max_length=32, stride=8)
 TEXTS = [*SAMPLE_TEXTS, " ".join(SAMPLE_TEXTS) * 2, "Is it raining?", "Yes; it pours."]
-SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 
 
 def corpus(folder: Path) -> Path:

@@ -12,33 +12,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import CLI, Outcome
 
 from pipelines.cli import main
 from pipelines.dataset.reader import Dataset
 from pipelines.dataset.schema import TABLES
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 FAST = ["--model", "minilm", "--device", "cpu", "--no-progress"]
 PARALLEL = 4
-
-
-@dataclass
-class Outcome:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
 
 
 Snapshot = dict[str, tuple[int, bytes]]

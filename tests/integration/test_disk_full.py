@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from compare_tables import assert_datasets_equal
-from tiny_disk import Step, TinyDisk, cli_line, step
+from tiny_disk import Outcome, TinyDisk, cli_line, step
 from tolerances import ENGINE_ATOL
 
 from pipelines.analysis import registry
@@ -68,9 +68,9 @@ class Interrupted:
     """A job that filled a 3 MB disk, then ``--resume`` after the disk grew to 200 MB."""
 
     out: Path  # where the job wrote (gone with the tmpfs)
-    full: Step
+    full: Outcome
     files: list[str]  # under out after the failure, relative
-    resumed: Step
+    resumed: Outcome
     result: Path  # out after the resume, copied off the tmpfs
 
 
@@ -95,7 +95,7 @@ def local(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Interrupted
     return fill_then_resume(tmp_path_factory.mktemp("local"), corpus, [])
 
 
-def assert_one_line_no_space(full: Step, out: Path, then: str) -> str:
+def assert_one_line_no_space(full: Outcome, out: Path, then: str) -> str:
     """Exit code 74 and one error line, the last of stderr, naming a file under ``out``;
     returns the file."""
     assert full.returncode == NO_SPACE_EXIT, full.stderr

@@ -806,14 +806,18 @@ def test_empty_pair_gives_the_tokens_of_the_corpus_job(service: Service, minilm:
     corpus = tmp_path / "one.jsonl"
     corpus.write_text(json.dumps(item) + "\n")
     run_job([corpus], tmp_path / "out", RunConfig(device="cpu"), backend=minilm, progress=False)
-    want = Dataset.open(tmp_path / "out").tokens("a")["token"].tolist()
+    tokens = Dataset.open(tmp_path / "out").tokens("a")
+    want = tokens["token"].tolist()
     assert want == ["[CLS]", "hi", "there", "[SEP]"]
     body = ok(service.post({"inputs": [item]}))
     assert [t["token"] for t in body["tokens"]] == want
     assert body["documents"][0]["text_pair"] is None
     view = post_view(service, item)
     assert view.status_code == 200, view.text
-    assert view_payload(view.text)["windows"][0]["tokens"] == want
+    # the view draws the source characters: "Hi", not the token "hi"
+    labels = [surface.strip() for surface in tokens["surface"]]
+    assert labels == ["[CLS]", "Hi", "there", "[SEP]"]
+    assert view_payload(view.text)["windows"][0]["tokens"] == labels
 
 
 def test_text_without_content_is_a_422_naming_the_input(service: Service) -> None:

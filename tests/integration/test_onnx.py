@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from compare_tables import assert_same_tables
-from conftest import SAMPLE_TEXTS
+from conftest import CLI, SAMPLE_TEXTS
 
 from pipelines import models
 from pipelines.analysis.batch import model_tables, sort_tables
@@ -47,8 +47,6 @@ from pipelines.text.tokenize import Document, Windower
 ATTENTION_ATOL = 1e-4
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 3
 WINDOWS = WindowConfig(max_length=40, stride=8)
-SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 
 
 @pytest.fixture(scope="module")

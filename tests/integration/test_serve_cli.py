@@ -16,7 +16,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +26,8 @@ import psutil
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from conftest import CLI, free_port
 
-SCRIPT = Path(sys.executable).parent / "headscope"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 
