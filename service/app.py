@@ -14,7 +14,6 @@ import datetime as dt
 import hmac
 import json
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -46,10 +46,13 @@ from pipelines.views.data import build_payload
 from pipelines.views.html import default_title, render_html
 from service.config import ServiceConfig
 from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription, ViewRequest
+from service.wire import Gate, Reservation, WireError, read_body, retry_after
 from service.worker import DocumentJob, ModelWorker
 
 log = logging.getLogger(__name__)
 OPEN_ROUTES = {"/healthz", "/readyz"}
+#: The API docs hold no data: served without the token (the page's Authorize button sends it).
+DOC_ROUTES = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 def per_head_tables() -> set[str]:
@@ -86,6 +89,7 @@ class ModelState:
     runtime: dict
     tokenizer: object
     capabilities: frozenset[Capability]
+    reservation: Reservation  # documents in flight to the deployment, admitted per request
 
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
@@ -114,14 +118,40 @@ app = FastAPI(title="headscope", version=__version__,
               description="Attention statistics and weights for posted text. Tables have "
                           "the same names and columns as a corpus job's Parquet dataset.")
 app.state.token = None
+app.state.gate = None
+app.state.max_body_bytes = None
+
+
+def _path(request: Request) -> str:
+    return request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+
+
+#: Declares the bearer scheme in OpenAPI (the docs page's Authorize button); the check itself
+#: is the ``authenticate`` middleware, so this never refuses.
+BEARER = [Depends(HTTPBearer(auto_error=False, description="needed when the service has a "
+                             "token (auth_token_env or auth_token_file)"))]
+
+
+@app.middleware("http")
+async def admit(request: Request, call_next):
+    """The ingress's own admission: API requests run, wait in a bounded queue, or get a JSON
+    503 with Retry-After (Serve's own limits are set above this one)."""
+    gate: Gate | None = request.app.state.gate
+    if gate is None or not _path(request).startswith("/v1/"):
+        return await call_next(request)
+    try:
+        async with gate.admit():
+            return await call_next(request)
+    except WireError as exc:
+        return error_response(exc.status, exc.message, headers=exc.headers)
 
 
 @app.middleware("http")
 async def authenticate(request: Request, call_next):
-    """With a token configured, every route but the health checks needs it."""
+    """With a token configured, every route but the health checks and the docs needs it."""
     token: str | None = request.app.state.token
-    path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
-    if token is not None and path not in OPEN_ROUTES:
+    path = _path(request)
+    if token is not None and path not in OPEN_ROUTES | DOC_ROUTES:
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
@@ -143,6 +173,11 @@ async def api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.details, exc.headers)
 
 
+@app.exception_handler(WireError)
+async def wire_error(request: Request, exc: WireError) -> JSONResponse:
+    return error_response(exc.status, exc.message, headers=exc.headers)
+
+
 @overload
 async def parse_request(request: Request, model: type[AttentionRequest] = ...
                         ) -> AttentionRequest: ...
@@ -155,8 +190,9 @@ async def parse_request(request: Request, model: type[ViewRequest]) -> ViewReque
 async def parse_request(request: Request,
                         model: type[AttentionRequest | ViewRequest] = AttentionRequest
                         ) -> AttentionRequest | ViewRequest:
-    """Body → a request model: 400 for bytes/JSON problems, 422 for invalid fields."""
-    body = await request.body()
+    """Body → a request model: 413/415 for size and encoding, 400 for bytes/JSON problems,
+    422 for invalid fields."""
+    body = await read_body(request, request.app.state.max_body_bytes)
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -215,6 +251,10 @@ class Ingress:
         self.windowers: dict[tuple, Windower] = {}
         self.lock = asyncio.Lock()
         app.state.token = config.auth_token()
+        ingress = config.ingress
+        app.state.gate = Gate(ingress.max_ongoing_requests, ingress.max_queued_requests,
+                              ingress.retry_after_s)
+        app.state.max_body_bytes = config.limits.max_body_bytes
         self.store_root = Path(config.dataset_root).resolve()
 
     async def _model(self, name: str | None) -> ModelState:
@@ -230,7 +270,9 @@ class Ingress:
                 capabilities = frozenset(map(Capability, description.pop("capabilities")))
                 info = ModelInfo(**description)
                 tokenizer = await asyncio.to_thread(load_tokenizer, info.path)
-                self.models[name] = ModelState(handle, info, runtime, tokenizer, capabilities)
+                reservation = Reservation(self._capacity(name), self.config.ingress.retry_after_s)
+                self.models[name] = ModelState(handle, info, runtime, tokenizer, capabilities,
+                                               reservation)
         return self.models[name]
 
     @app.get("/healthz")
@@ -246,7 +288,7 @@ class Ingress:
             return error_response(503, f"not ready: {exc}", headers={"Retry-After": "5"})
         return JSONResponse({"status": "ready", "models": list(self.workers)})
 
-    @app.get("/v1/models", response_model=list[ModelDescription])
+    @app.get("/v1/models", response_model=list[ModelDescription], dependencies=BEARER)
     async def list_models(self) -> list[ModelDescription]:
         out = []
         for name in self.workers:
@@ -261,7 +303,8 @@ class Ingress:
                 config_hash=info.config_hash, runtime=state.runtime))
         return out
 
-    @app.post("/v1/attention", openapi_extra={"requestBody": {"required": True, "content": {
+    @app.post("/v1/attention", dependencies=BEARER,
+              openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": AttentionRequest.model_json_schema()}}}})
     async def attention(self, request: Request) -> Response:
         """Statistics and weights for the posted texts (JSON, or Arrow IPC via Accept)."""
@@ -298,7 +341,8 @@ class Ingress:
                    **{name: _records(t) for name, t in tables.items()}}
         return JSONResponse(payload)
 
-    @app.post("/v1/view", response_class=HTMLResponse, openapi_extra={"requestBody": {
+    @app.post("/v1/view", response_class=HTMLResponse, dependencies=BEARER,
+              openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {
             "schema": ViewRequest.model_json_schema()}}}})
     async def view(self, request: Request) -> HTMLResponse:
@@ -321,14 +365,23 @@ class Ingress:
                                 tables["attention"], tables.get("qk"))
         return HTMLResponse(render_html(payload, default_title(payload)))
 
+    def _capacity(self, name: str) -> int | None:
+        """Documents model ``name``'s deployment takes at once from this ingress: its queue
+        (Serve counts every document there until a replica takes it, and refuses the
+        surplus of a burst); None when the queue is unbounded."""
+        model = self.config.model(name)
+        assert model is not None  # the workers are the configured models
+        return None if model.max_queued_requests == -1 else model.max_queued_requests
+
     async def _analyse(self, state: ModelState, jobs: list[DocumentJob]) -> list[dict]:
-        """Each job's tables from the model deployment (503 when its queues are full)."""
-        try:
-            return await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
-        except BackPressureError:
-            retry = str(math.ceil(self.config.ingress.retry_after_s))
-            raise ApiError(503, "the model is overloaded; retry shortly",
-                           {"Retry-After": retry}) from None
+        """Each job's tables from the model deployment: all jobs are admitted together or the
+        request gets a 503 before any is sent."""
+        with state.reservation.hold(len(jobs)):
+            try:
+                return await asyncio.gather(*(state.handle.analyse.remote(job) for job in jobs))
+            except BackPressureError:  # another caller filled the queue (e.g. a 2nd ingress)
+                raise ApiError(503, "the model is overloaded; retry shortly",
+                               retry_after(self.config.ingress.retry_after_s)) from None
 
     def _check_disabled(self, body: AttentionRequest, state: ModelState) -> None:
         if body.disable_heads is None:
@@ -432,9 +485,12 @@ def build(args: dict) -> serve.Application:
         workers[model.name] = ModelWorker.options(  # type: ignore[attr-defined]
             **options).bind(model, config.plugins)
     ingress = config.ingress
+    # Serve's limits sit above the ingress's own Gate, so that its refusals are JSON
+    serve_ongoing = ingress.max_ongoing_requests + max(ingress.max_queued_requests, 0) \
+        + ingress.refusal_room
     return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
         ray_actor_options={"num_cpus": ingress.num_cpus},
-        max_ongoing_requests=ingress.max_ongoing_requests,
-        max_queued_requests=ingress.max_queued_requests,
+        max_ongoing_requests=serve_ongoing,
+        max_queued_requests=-1 if ingress.max_queued_requests == -1 else ingress.refusal_room,
         backpressure_config={"status_code": 503, "retry_after_s": ingress.retry_after_s},
     ).bind(config, workers)

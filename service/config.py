@@ -90,13 +90,22 @@ class Limits(Strict):
     #: Attention rows a request may produce (over all layers and heads): bounds the response
     #: of ``full`` and ``threshold`` modes, which grow with the square of the length.
     max_attention_rows: PositiveInt = 2_000_000
+    #: Bytes of a request body, checked from Content-Length before reading, while reading,
+    #: and again after gzip decompression.
+    max_body_bytes: PositiveInt = 4 * 2**20
 
 
 class IngressConfig(Strict):
+    """The ingress admits ``max_ongoing_requests`` API requests at once and queues
+    ``max_queued_requests`` more (-1: any number); others get a JSON 503 with Retry-After."""
+
     num_cpus: PositiveFloat = 0.25
     max_ongoing_requests: PositiveInt = 64
     max_queued_requests: int = Field(128, ge=-1)
     retry_after_s: PositiveFloat = 1.0
+    #: Requests Serve passes on beyond those two so the ingress can refuse them as JSON
+    #: (Serve's own max_ongoing_requests is the sum of the three; its queue holds as many).
+    refusal_room: PositiveInt = 64
 
 
 class ServiceConfig(Strict):
@@ -123,13 +132,14 @@ class ServiceConfig(Strict):
 
     @model_validator(mode="after")
     def _queues_fit_a_request(self) -> ServiceConfig:
-        """Every document of the largest request must fit in a worker's queue at once."""
+        """Every document of the largest request must fit in a worker's queue at once (the
+        ingress sends them together)."""
         for model in self.models:
-            room = model.max_ongoing_requests + model.max_queued_requests
-            if model.max_queued_requests != -1 and room < self.limits.max_inputs:
+            room = model.max_queued_requests
+            if room != -1 and room < self.limits.max_inputs:
                 raise ValueError(
-                    f"model {model.name}: max_ongoing_requests + max_queued_requests ({room}) "
-                    f"must be at least limits.max_inputs ({self.limits.max_inputs})")
+                    f"model {model.name}: max_queued_requests ({room}) must be at least "
+                    f"limits.max_inputs ({self.limits.max_inputs})")
         return self
 
     @property

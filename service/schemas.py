@@ -176,6 +176,19 @@ class AttentionRequest(BaseModel):
                              "leave store off")
         return self
 
+    @model_validator(mode="after")
+    def _store_keeps_everything(self) -> AttentionRequest:
+        """A stored dataset is appended to by many requests under one manifest, so every part
+        holds all layers, heads and head_stats: selections cannot be stored."""
+        chosen = [name for name, on in (("layers", self.layers is not None),
+                                        ("heads", self.heads is not None),
+                                        ("statistics", not self.statistics)) if on]
+        if self.store and chosen:
+            raise ValueError(f"store keeps every layer, head and head_stats row (one dataset, "
+                             f"one manifest); drop {', '.join(chosen)} to store, or leave "
+                             "store off to get the selection")
+        return self
+
     def items(self) -> list[InputItem]:
         if self.inputs is not None:
             return self.inputs

@@ -115,7 +115,7 @@ def app_configs(base: Path, token_file: Path, onnx_dir: Path) -> dict[str, dict]
                      "limits": {**LIMITS, "max_inputs": 2},  # fits the tiny worker queue
                      "models": [{"name": "minilm", "max_batch_size": 1, "num_cpus": 0.25,
                                  "batch_wait_timeout_s": 0, "max_ongoing_requests": 1,
-                                 "max_queued_requests": 1}],
+                                 "max_queued_requests": 2}],
                      "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 2,
                                  "max_queued_requests": 2, "retry_after_s": RETRY_AFTER_S}},
     }
@@ -691,7 +691,7 @@ def test_a_burst_gets_503_with_retry_after_and_never_500(service: Service) -> No
 
 
 def worker_backpressure(service: Service) -> requests.Response:
-    """Concurrent two-document requests against the overload worker (1 running, 1 queued):
+    """Concurrent two-document requests against the overload worker (a queue of 2):
     some get the ingress's own JSON 503. Retried in case the worker kept up."""
     def post(i: int) -> requests.Response:
         return service.post({"texts": [f"Document {i}.", f"Another {i}."]}, app="overload")
