@@ -523,8 +523,7 @@ def test_errors_leave_the_service_working(service: Service) -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), [("post", "/v1/attention"),
-                                              ("get", "/v1/models"), ("get", "/docs"),
-                                              ("get", "/openapi.json")])
+                                              ("get", "/v1/models"), ("post", "/v1/view")])
 @pytest.mark.parametrize("token", [None, "wrong", f"{TOKEN}x", ""])
 def test_auth_rejects_missing_or_wrong_tokens(service: Service, method: str, path: str,
                                               token: str | None) -> None:
@@ -558,8 +557,11 @@ def test_auth_accepts_the_right_token(service: Service) -> None:
     assert lower.status_code == 200
 
 
-def test_health_checks_need_no_token(service: Service) -> None:
+def test_health_checks_and_docs_need_no_token(service: Service) -> None:
     assert ok(service.get("/healthz", "secure")) == {"status": "ok"}
+    assert service.get("/docs", "secure").status_code == 200  # under the route prefix
+    assert "HTTPBearer" in ok(service.get("/openapi.json", "secure"))["components"][
+        "securitySchemes"]
     assert ok(service.get("/readyz", "secure"))["models"] == [SECURE_MODEL]
 
 
