@@ -8,8 +8,10 @@ app by one with ``max_batch_size`` 1 and sends the same traffic for the same tim
 
 It prints requests/s and documents/s of each mode, the throughput ratio (target >= 2x at 32
 clients), p50/p99 latency, responses by status (only deliberate 503s are expected), client
-errors, and the batch sizes the model worker saw (``ModelWorker.batch_size_log``). It never
-asserts. See benchmarks/README.md.
+errors, and the batch sizes the model worker saw (``ModelWorker.batch_size_log``). First, before
+Ray starts, an in-process corpus job (``run_windowed``) on the same texts and CPUs gives the
+docs/s the service is compared with (targets: >= 0.7 with ``--attention none``, >= 0.5 with
+``topk:8`` JSON). It never asserts. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from pathlib import Path
 import numpy as np
 
 TARGET_RATIO = 2.0
+#: service docs/s (batching on, 32 clients) over an in-process job's on the same texts
+TARGET_JOB_RATIO = {"none": 0.7, "topk": 0.5}
 FULL = {"seconds": 20.0, "warmup": 3.0}
 QUICK = {"seconds": 6.0, "warmup": 2.0}
 #: --smoke: a few seconds of light load per mode, a check that the whole path works; it
 #: fails (exit 1) when no request got a 200 or any error other than 503 happened
-SMOKE = {"seconds": 2.0, "warmup": 1.0, "clients": 4}
+SMOKE = {"seconds": 2.0, "warmup": 1.0, "clients": 4, "job_texts": 64}
 MAX_TEXT_CHARS = 200
 NO_TOKEN_ENV = "HEADSCOPE_BENCH_TOKEN_THAT_IS_NEVER_SET"
 LOG_CAP = 1000  # ModelWorker.batch_size_log keeps the last 1000 batches
@@ -112,6 +116,33 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float,
         await asyncio.gather(*(one_client(i) for i in range(clients)))
         load.seconds = time.perf_counter() - started
     return load
+
+
+# ------------------------------------------------------------------------------ job
+
+
+def job_rate(args: argparse.Namespace, texts: list[str], work: Path) -> float:
+    """Documents/s of an in-process corpus job (``run_windowed``: windows, batches, tables,
+    Parquet) on ``texts``, with as many torch threads as the local Ray has CPUs."""
+    import torch
+
+    from pipelines.backends import create_backend
+    from pipelines.config import AttentionMode, RunConfig
+    from pipelines.jobs.local import memory_input, run_windowed
+    from pipelines.text.tokenize import Document, Windower
+
+    torch.set_num_threads(args.cpus)
+    backend = create_backend("auto", args.model, "cpu", "float32")
+    config = RunConfig(attention=AttentionMode.parse(args.attention or "topk:8"))
+    windower = Windower(backend.tokenizer, backend.info, config.windows)
+    docs = [Document(f"d{i}", text) for i, text in enumerate(texts)]
+    windowed = [(doc, windower.windows(doc)) for doc in docs]
+    run_windowed(windowed[:32], work / "job-warmup", config, backend,
+                 memory_input(docs[:32], "bench"), progress=False)
+    started = time.perf_counter()
+    run_windowed(windowed, work / "job", config, backend, memory_input(docs, "bench"),
+                 progress=False)
+    return len(docs) / (time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------ service
@@ -220,6 +251,8 @@ def run_mode(args: argparse.Namespace, base_url: str, max_batch_size: int, texts
           f"{args.warmup:.0f} s, measuring {args.seconds:.0f} s ...", flush=True)
     url = f"{base_url}{prefix}/v1/attention"
     payload = {} if args.attention is None else {"attention": args.attention}
+    if args.layout is not None:
+        payload["layout"] = args.layout
     asyncio.run(drive(url, texts, args.clients, args.warmup, payload))
     worker = serve.get_deployment_handle("model-minilm", app_name=name)
     meter = CpuMeter(name)
@@ -246,6 +279,15 @@ def describe_sizes(sizes: list[int]) -> str:
             f"max {max(sizes)}; size×count (largest 8): {common}")
 
 
+def job_ratio(results: list[ModeResult], job: float, attention: str | None) -> None:
+    """Service docs/s (batching on) over the in-process job's, against its target."""
+    target = TARGET_JOB_RATIO["none" if attention == "none" else "topk"]
+    service = results[0].load.documents / results[0].load.seconds
+    ratio = service / job
+    print(f"service / in-process job (docs/s): {service:.1f} / {job:.1f} = {ratio:.2f} "
+          f"(target >= {target}) -> {'PASS' if ratio >= target else 'MISS'}")
+
+
 def report(results: list[ModeResult], clients: int) -> None:
     print()
     header = (f"{'mode':<16}{'req/s':>9}{'docs/s':>9}{'p50':>10}{'p99':>10}{'200':>8}"
@@ -270,6 +312,8 @@ def report(results: list[ModeResult], clients: int) -> None:
         print(f"  batch sizes{note}: {describe_sizes(result.batch_sizes)}")
         print("  CPU (% of one core): " + ", ".join(f"{label} {value:.0f}%"
                                                    for label, value in result.cpu.items()))
+    if len(results) < 2:
+        return
     batched, single = results
     ratio = (batched.load.documents / batched.load.seconds) / max(
         single.load.documents / single.load.seconds, 1e-9)
@@ -304,6 +348,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attention", default=None,
                         help="attention mode of the requests (default: not sent, so the "
                              "API default topk:8); 'none' asks for statistics only")
+    parser.add_argument("--layout", choices=("rows", "dense"), default=None,
+                        help="JSON attention layout of the requests (default: not sent: rows)")
+    parser.add_argument("--batched-only", action="store_true",
+                        help="skip the max_batch_size 1 run")
+    parser.add_argument("--job-texts", type=int, default=None,
+                        help="texts of the in-process job (default all; --smoke 64)")
     parser.add_argument("--model", default="minilm", help="registry name or local folder")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2,
                         help="CPUs of the local Ray")
@@ -317,6 +367,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.clients = args.clients if args.clients is not None else preset.get("clients", 32)
     args.seconds = args.seconds if args.seconds is not None else preset["seconds"]
     args.warmup = args.warmup if args.warmup is not None else preset["warmup"]
+    args.job_texts = args.job_texts if args.job_texts is not None else preset.get("job_texts")
     return args
 
 
@@ -340,15 +391,19 @@ def main(argv: list[str] | None = None) -> int:
           f"Ray {ray.__version__}, local Ray with {args.cpus} CPUs, model replica "
           f"{args.worker_cpus} CPU, ingress {args.ingress_cpus} CPU", flush=True)
     work = Path(tempfile.mkdtemp(prefix="headscope-serve-bench-"))
+    job = job_rate(args, texts[:args.job_texts], work)
+    print(f"in-process job on {len(texts[:args.job_texts])} of these texts, {args.cpus} torch "
+          f"threads: {job:.1f} docs/s", flush=True)
     ray.init(address="local", num_cpus=args.cpus, object_store_memory=200 * 2**20,
              include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base_url = f"http://127.0.0.1:{port}"
-        results = [run_mode(args, base_url, size, texts, work / "data")
-                   for size in (args.batch_size, 1)]
+        sizes = (args.batch_size,) if args.batched_only else (args.batch_size, 1)
+        results = [run_mode(args, base_url, size, texts, work / "data") for size in sizes]
         report(results, args.clients)
+        job_ratio(results, job, args.attention)
         failed = args.smoke and (sum(r.load.ok for r in results) == 0 or any(
             s not in (200, 503) for r in results for s in r.load.statuses)
             or any(r.load.errors for r in results))

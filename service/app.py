@@ -45,6 +45,13 @@ from pipelines.version import __version__
 from pipelines.views.data import build_payload
 from pipelines.views.html import default_title, render_html
 from service.config import ServiceConfig
+from service.responses import (
+    arrow_response,
+    dense_attention,
+    dense_cells,
+    json_response,
+    records,
+)
 from service.schemas import ARROW_STREAM, AttentionRequest, ModelDescription, ViewRequest
 from service.wire import Gate, Reservation, WireError, read_body, retry_after
 from service.worker import DocumentJob, ModelWorker
@@ -100,18 +107,18 @@ class ModelState:
                              f"model runs on the {backend} backend, which cannot do that")
 
 
-def _records(table: pa.Table) -> list[dict]:
-    if "weight" in table.column_names and table.schema.field("weight").type == pa.float16():
-        table = table.set_column(table.schema.get_field_index("weight"), "weight",
-                                 table["weight"].cast(pa.float32()))
-    return table.to_pylist()
-
-
 def _select(table: pa.Table, layers: list[int] | None, heads: list[int] | None) -> pa.Table:
     for name, wanted in (("layer", layers), ("head", heads)):
         if wanted is not None:
             table = table.filter(pc.is_in(table[name], pa.array(wanted, table[name].type)))
     return table
+
+
+def _dense_axes(body: AttentionRequest, info: ModelInfo) -> tuple[list[int], list[int]]:
+    """The layers and heads of the dense layout: the request's, or all of the model's."""
+    layers = range(info.num_layers) if body.layers is None else body.layers
+    heads = range(info.num_heads) if body.heads is None else body.heads
+    return sorted(set(layers)), sorted(set(heads))
 
 
 app = FastAPI(title="headscope", version=__version__,
@@ -230,14 +237,6 @@ def attention_rows_bound(windows: list[Window], mode: AttentionMode, info: Model
     return rows * info.num_layers * info.num_heads
 
 
-def _arrow_response(table: pa.Table, name: str) -> Response:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM,
-                    headers={"X-Headscope-Table": name})
-
-
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -317,8 +316,9 @@ class Ingress:
         jobs = [DocumentJob(doc_windows, body.attention, body.local_window, analyses,
                             body.disable_heads, entropy_epsilon=body.entropy_epsilon,
                             word_rows=body.word_rows) for doc_windows in windows]
-        results = await self._analyse(state, jobs)
         flat = [w for doc_windows in windows for w in doc_windows]
+        self._check_dense(body, state.info, flat)
+        results = await self._analyse(state, jobs)
         text = text_tables(flat, analyses)
         # documents and tokens, the model's tables, then the analyses' text tables (as before)
         tables = sort_tables({**{name: text[name] for name in ("documents", "tokens")},
@@ -335,11 +335,12 @@ class Ingress:
             if body.table not in tables:
                 raise ApiError(422, f"table {body.table!r} needs analyses "
                                     f"[{registry.table_owner(body.table)!r}] in the request")
-            return _arrow_response(tables[body.table], body.table)
+            return arrow_response(tables[body.table], body.table)
         payload = {"model": body.model or self.config.default_model,
                    "attention_mode": body.attention,
-                   **{name: _records(t) for name, t in tables.items()}}
-        return JSONResponse(payload)
+                   **{name: self._attention_json(body, state.info, t, flat)
+                      if name == "attention" else records(t) for name, t in tables.items()}}
+        return json_response(payload)
 
     @app.post("/v1/view", response_class=HTMLResponse, dependencies=BEARER,
               openapi_extra={"requestBody": {
@@ -372,6 +373,26 @@ class Ingress:
         model = self.config.model(name)
         assert model is not None  # the workers are the configured models
         return None if model.max_queued_requests == -1 else model.max_queued_requests
+
+    def _attention_json(self, body: AttentionRequest, info: ModelInfo, table: pa.Table,
+                        windows: list[Window]) -> list[dict]:
+        """The attention table in the request's layout (rows, or dense per window)."""
+        if body.layout == "rows":
+            return records(table)
+        return dense_attention(table, windows, *_dense_axes(body, info))
+
+    def _check_dense(self, body: AttentionRequest, info: ModelInfo,
+                     windows: list[Window]) -> None:
+        """413 when the dense layout would send more weights than ``max_attention_rows``."""
+        if body.layout != "dense":
+            return
+        layers, heads = _dense_axes(body, info)
+        cells, limit = dense_cells(windows, len(layers), len(heads)), \
+            self.config.limits.max_attention_rows
+        if cells > limit:
+            raise ApiError(413, f"the dense layout would send {cells:,} weights; at most "
+                                f"{limit:,} per request: use layout 'rows', fewer layers or "
+                                "heads, or shorter texts")
 
     async def _analyse(self, state: ModelState, jobs: list[DocumentJob]) -> list[dict]:
         """Each job's tables from the model deployment: all jobs are admitted together or the

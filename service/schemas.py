@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -125,6 +125,9 @@ class AttentionRequest(BaseModel):
         None, description='heads to disable in the forward pass, e.g. "3.5,3.7" or "0.*"')
     store: bool = Field(False, description="also append the results to the service dataset")
     table: str = Field("head_stats", description="the table sent when Accept asks for Arrow")
+    layout: Literal["rows", "dense"] = Field(
+        "rows", description="JSON attention: 'rows' (one object per kept weight) or 'dense' "
+                            "(per window, weights[layer][head][query][key], 0 where not kept)")
 
     @field_validator("analyses")
     @classmethod

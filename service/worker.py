@@ -13,6 +13,7 @@ import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray import serve
@@ -50,12 +51,24 @@ def _tag(windows: list[Window], key: str) -> list[Window]:
     return [dataclasses.replace(w, doc=dataclasses.replace(w.doc, doc_id=key)) for w in windows]
 
 
-def _split(tables: dict[str, pa.Table], key: str, doc_id: str) -> dict[str, pa.Table]:
-    out = {}
+def _key(index: int) -> str:
+    """A job's batch-unique doc_id: zero-padded, so keys sort in job order."""
+    return f"{index:08d}"
+
+
+def _split(tables: dict[str, pa.Table], members: list[int],
+           doc_ids: list[str]) -> list[dict[str, pa.Table]]:
+    """Each member job's rows (zero-copy slices: rows are sorted by key) under its doc_id."""
+    out: list[dict[str, pa.Table]] = [{} for _ in members]
+    keys = pa.array([_key(i) for i in members], pa.string())
     for name, table in tables.items():
-        part = table.filter(pc.equal(table["doc_id"], key))
-        column = pa.array([doc_id] * part.num_rows, type=pa.string())
-        out[name] = part.set_column(part.schema.get_field_index("doc_id"), "doc_id", column)
+        owner = pc.index_in(table["doc_id"], keys).to_numpy(zero_copy_only=False)
+        bounds = np.searchsorted(owner, np.arange(len(members) + 1))
+        column = table.schema.get_field_index("doc_id")
+        for j, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            part = table.slice(start, stop - start)
+            ids = pa.repeat(pa.scalar(doc_ids[j], pa.string()), part.num_rows)
+            out[j][name] = part.set_column(column, "doc_id", ids)
     return out
 
 
@@ -87,11 +100,12 @@ def analyse_documents(backend: Backend, jobs: list[DocumentJob],
     for index, job in enumerate(jobs):
         groups.setdefault((job_config(job, batch_tokens), job.disable_heads), []).append(index)
     for (config, disable_heads), members in groups.items():
-        windows = [w for i in members for w in _tag(jobs[i].windows, str(i))]
+        windows = [w for i in members for w in _tag(jobs[i].windows, _key(i))]
         with disabled_heads(backend, disable_heads):
             tables = model_tables(backend, windows, config)
-        for i in members:
-            results[i] = _split(tables, str(i), jobs[i].windows[0].doc.doc_id)
+        doc_ids = [jobs[i].windows[0].doc.doc_id for i in members]
+        for i, part in zip(members, _split(tables, members, doc_ids), strict=True):
+            results[i] = part
     return [r for r in results if r is not None]
 
 

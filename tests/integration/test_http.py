@@ -312,6 +312,56 @@ def test_attention_none(service: Service) -> None:
     assert body["attention_mode"] == "none"
 
 
+def dense_from_rows(rows: list[dict], doc_id: str, window: int, n: int,
+                    layers: list[int], heads: list[int]) -> np.ndarray:
+    """The dense [layer][head][query][key] array that the row layout's rows describe."""
+    dense = np.zeros((len(layers), len(heads), n, n), dtype=np.float32)
+    for row in rows:
+        if (row["doc_id"], row["window"]) == (doc_id, window):
+            dense[layers.index(row["layer"]), heads.index(row["head"]), row["query"],
+                  row["key"]] = row["weight"]
+    return dense
+
+
+@pytest.mark.parametrize(("mode", "layers", "heads"), [("topk:4", [5, 0], [3, 1, 11]),
+                                                       ("full", [2], None)])
+def test_dense_layout_equals_the_rows(service: Service, mode: str, layers: list[int] | None,
+                                      heads: list[int] | None) -> None:
+    """Same request in both layouts: each window's dense array holds exactly the rows'
+    weights (float32 both ways: JSON's shortest float32 text reads back to the same float32,
+    so equality is exact) and zeros elsewhere; the other tables are the same."""
+    inputs = [{"id": "short", "text": SAMPLE_TEXTS[0]}, {"id": "long", "text": LONG_TEXT}]
+    payload = {"inputs": inputs, "attention": mode, "max_length": 48, "stride": 8,
+               "layers": layers, "heads": heads}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    rows = ok(service.post({**payload, "layout": "rows"}))
+    dense = ok(service.post({**payload, "layout": "dense"}))
+    want_layers, want_heads = sorted(layers or range(6)), sorted(heads or range(12))
+    lengths = Counter((t["doc_id"], t["window"]) for t in rows["tokens"])
+    assert len(lengths) > 2  # the long text has several windows
+    assert [(d["doc_id"], d["window"]) for d in dense["attention"]] == list(lengths)
+    for entry in dense["attention"]:
+        assert entry["layers"] == want_layers and entry["heads"] == want_heads
+        n = lengths[(entry["doc_id"], entry["window"])]
+        got = np.asarray(entry["weights"], dtype=np.float32)
+        assert got.shape == (len(want_layers), len(want_heads), n, n)
+        want = dense_from_rows(rows["attention"], entry["doc_id"], entry["window"], n,
+                               want_layers, want_heads)
+        np.testing.assert_array_equal(got, want)
+    assert sum(np.count_nonzero(np.asarray(e["weights"])) for e in dense["attention"]) == \
+        sum(1 for r in rows["attention"] if r["weight"] != 0)
+    assert {k: v for k, v in dense.items() if k != "attention"} == \
+        {k: v for k, v in rows.items() if k != "attention"}
+
+
+def test_dense_layout_over_the_limit_is_a_413(service: Service) -> None:
+    """The dense layout sends n² weights per head, kept or not: bounded like the rows."""
+    response = service.post({"texts": ["word " * 300], "attention": "topk:1",
+                             "layout": "dense"})
+    assert response.status_code == 413, response.text
+    assert "dense layout" in response.json()["error"]
+
+
 def test_models_and_health(service: Service) -> None:
     assert ok(service.get("/healthz")) == {"status": "ok"}
     assert ok(service.get("/readyz")) == {"status": "ready", "models": ["minilm"]}
