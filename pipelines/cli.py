@@ -20,8 +20,7 @@ from pipelines.config import (
     parse_entropy_epsilon,
 )
 from pipelines.dataset.writer import MANIFEST, OutputError, no_space
-from pipelines.jobs.export_onnx import DEFAULT_OPSET, ExportError
-from pipelines.models import REGISTRY, ModelError
+from pipelines.models import DEFAULT_OPSET, REGISTRY, ExportError, ModelError
 from pipelines.text.inputs import Columns, InputError
 from pipelines.text.punctuation import DEFAULT_RULE, RULES
 from pipelines.version import __version__

@@ -14,10 +14,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch and transformers load when a model does (the CLI starts fast)
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,14 @@ ONNX_METADATA = "headscope_onnx.json"
 
 class ModelError(ValueError):
     """A model could not be found or is not supported."""
+
+
+class ExportError(RuntimeError):
+    """An ONNX export failed or did not verify; nothing was written (``headscope export-onnx``)."""
+
+
+#: The ONNX opset ``headscope export-onnx`` writes unless told otherwise.
+DEFAULT_OPSET = 18
 
 
 def _minilm_path() -> Path:
@@ -157,6 +167,8 @@ def _source(name: str, allow_download: bool) -> tuple[str, dict]:
 def load_tokenizer(name: str, allow_download: bool = False) -> PreTrainedTokenizerBase:
     """Only the tokenizer of a model (no weights), e.g. for a front end that splits text."""
     source, common = _source(name, allow_download)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(source, **common)
 
 
@@ -174,6 +186,8 @@ def onnx_metadata(folder: str | Path) -> dict | None:
 def load_config(name: str, allow_download: bool = False) -> tuple[str, PretrainedConfig, dict]:
     """Folder (or hub id), config and loading options of a supported model."""
     source, common = _source(name, allow_download)
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (ValueError, KeyError, OSError) as exc:
@@ -188,6 +202,8 @@ def load_config(name: str, allow_download: bool = False) -> tuple[str, Pretraine
 
 
 def load_fast_tokenizer(name: str, source: str, common: dict) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {name!r}: a fast (tokenizers-backed) tokenizer is required")
@@ -207,9 +223,14 @@ def describe_torch(name: str, source: str, config: PretrainedConfig,
     return describe(name, source, config, tokenizer, accepts_types)
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+def load(name: str, device: torch.device, dtype: torch.dtype | None = None,
          allow_download: bool = False) -> LoadedModel:
-    """Load tokenizer and PyTorch model with eager attention, in eval mode, on ``device``."""
+    """Load tokenizer and PyTorch model with eager attention, in eval mode, on ``device``
+    (``dtype`` None: float32)."""
+    import torch
+    from transformers import AutoModel
+
+    dtype = dtype or torch.float32
     source, config, common = load_config(name, allow_download)
     refuse_onnx_export(name, source, common, "use the onnx backend (--backend onnx or auto), "
                                              "or the source model it was exported from")

@@ -27,11 +27,11 @@ from pipelines.backends.onnx.graph import FORMAT, GRAPH_FILE, WEIGHTS_FILE, Grap
 from pipelines.config import WindowConfig
 from pipelines.dataset.manifest import header
 from pipelines.dataset.writer import UMASK, atomic_write_json
+from pipelines.models import DEFAULT_OPSET, ExportError
 from pipelines.text.tokenize import Document, Windower
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18
 TOLERANCE = 1e-4
 
 _SAMPLES = [
@@ -41,10 +41,6 @@ _SAMPLES = [
     "In 1905, Einstein published four papers; each one changed physics in its own way.",
 ]
 _PAIR = ("Where did the cat sit?", "It sat on the mat.")
-
-
-class ExportError(RuntimeError):
-    """The export failed or did not verify; nothing was written."""
 
 
 class _AttentionGraph(torch.nn.Module):
