@@ -7,10 +7,13 @@ import os
 import shutil
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,6 +116,27 @@ class Outcome:
     @property
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
+
+
+#: How long a test waits for a service to answer /readyz (model loading on a busy machine).
+SERVICE_START_TIMEOUT_S = 180
+
+
+def wait_until_ready(url: str, timeout_s: float = SERVICE_START_TIMEOUT_S,
+                     still_starting: Callable[[], None] = lambda: None) -> None:
+    """Poll ``url``/readyz until it answers 200; TimeoutError after ``timeout_s``.
+    ``still_starting`` runs between polls (e.g. to fail fast when the server process died)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/readyz", timeout=60).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or busy starting
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout_s} s")
+        still_starting()
+        time.sleep(0.3)
 
 
 def free_port() -> int:

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 import pytest
 import requests
 from compare_tables import assert_attention_equal, assert_same_tables
-from conftest import SAMPLE_TEXTS, free_port
+from conftest import SAMPLE_TEXTS, free_port, wait_until_ready
 from tolerances import ATTENTION_ATOL, FLOAT16_ATOL
 
 from pipelines.analysis import registry
@@ -56,7 +55,6 @@ SECURE_MODEL = "mini"
 LIMITS = {"max_inputs": 8, "max_characters": 5000, "max_tokens": 2000}
 WORKER = {"max_batch_size": 16, "batch_wait_timeout_s": 0.1, "num_cpus": 0.5}
 RETRY_AFTER_S = 1.5
-START_TIMEOUT_S = 180
 SCHEMAS = {"documents": schema.DOCUMENTS, "tokens": schema.TOKENS,
            "head_stats": schema.HEAD_STATS, "attention": schema.attention_schema(False)}
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 2  # several windows at max_length 48
@@ -88,16 +86,7 @@ class Service:
         return requests.get(self.address(app, path), headers=headers, timeout=60)
 
     def wait_ready(self, app: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if self.get("/readyz", app).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{app} not ready after {START_TIMEOUT_S} s")
-            time.sleep(0.3)
+        wait_until_ready(self.address(app, ""))
 
 
 def app_configs(base: Path, token_file: Path, onnx_dir: Path) -> dict[str, dict]:

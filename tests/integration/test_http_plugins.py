@@ -7,7 +7,6 @@ config names that module in ``plugins`` and nothing else changes.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import requests
-from conftest import SAMPLE_TEXTS, free_port
+from conftest import SAMPLE_TEXTS, free_port, wait_until_ready
 
 from service.schemas import ARROW_STREAM
 
@@ -25,7 +24,6 @@ ROOT = TESTS.parent
 PLUGIN = "toy_analysis"
 NAME, TABLE = "diagonal", "head_diagonal"
 KEYS = ["doc_id", "window", "layer", "head"]
-START_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +50,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(config), name="plugins", route_prefix="/")
         address = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if requests.get(f"{address}/readyz", timeout=60).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("service not ready")
-            time.sleep(0.3)
+        wait_until_ready(address)
         yield address
     finally:
         serve.shutdown()

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import SAMPLE_TEXTS, free_port
+from conftest import SAMPLE_TEXTS, free_port, wait_until_ready
 
 TOKEN = "wire-test-token"
 BODY_LIMIT = 64 * 1024
 RETRY_AFTER_S = 1.5
-START_TIMEOUT_S = 180
 LONG_TEXT = " ".join(SAMPLE_TEXTS) * 4
 
 
@@ -75,22 +74,11 @@ def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wire]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(config(base)), name="wire", route_prefix="/")
         found = Wire(f"http://127.0.0.1:{port}", port, base / "data")
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready(found.url):
-            if time.monotonic() > deadline:
-                raise TimeoutError("service not ready")
-            time.sleep(0.3)
+        wait_until_ready(found.url)
         yield found
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/readyz", timeout=60).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def error(response: requests.Response | http.client.HTTPResponse, status: int,

@@ -26,9 +26,8 @@ import psutil
 import pytest
 import requests
 import yaml
-from conftest import CLI, free_port
+from conftest import CLI, free_port, wait_until_ready
 
-START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 
 
@@ -111,16 +110,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                                     daemon=True)
     found.reader.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+
+        def alive() -> None:
             assert process.poll() is None, f"headscope serve exited early:\n{found.stdout}"
-            try:
-                if requests.get(f"{found.url}/readyz", timeout=30).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            assert time.monotonic() < deadline, f"not ready in time:\n{found.stdout}"
-            time.sleep(0.5)
+
+        wait_until_ready(found.url, still_starting=alive)
         found.descendants = psutil.Process(process.pid).children(recursive=True)
         yield found
     finally:
