@@ -37,7 +37,7 @@ from pipelines.analysis.batch import sort_tables
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.sparse_coding import encode
 from pipelines.config import ConfigError, RunConfig, WindowConfig
-from pipelines.dataset.labels import display_label
+from pipelines.dataset.labels import token_labels
 from pipelines.dataset.manifest import FACTOR_CODES_FORMAT, FACTORS_FORMAT, header
 from pipelines.dataset.schema import INDEX
 from pipelines.dataset.tables import documents_table, tokens_table
@@ -302,11 +302,11 @@ def _context_keys(anchors: pd.DataFrame) -> pd.DataFrame:
 
 
 def _tokens_part(part: Path) -> pd.DataFrame:
-    """A part's tokens, ``token`` being what a person reads (``display_label``)."""
-    tokens = pq.read_table(part, columns=[*TOKEN_KEYS, "token", "surface"]).to_pandas()
-    tokens["token"] = [display_label(surface, token) for surface, token
-                       in zip(tokens["surface"], tokens["token"], strict=True)]
-    return tokens.drop(columns="surface").astype({"doc_id": str, "position": np.int64})
+    """A part's tokens, ``token`` being what a person reads (``token_labels``)."""
+    table = pq.read_table(part, columns=[*TOKEN_KEYS, "token", "surface"])
+    tokens = table.select(list(TOKEN_KEYS)).to_pandas()
+    tokens["token"] = token_labels(table)
+    return tokens.astype({"doc_id": str, "position": np.int64})
 
 
 def _shifted_tokens(frame: pd.DataFrame, token_at: pd.Series, offset: int) -> list:
