@@ -153,6 +153,9 @@ class RunConfig:
     similarity_measure: str = "distance"
     #: How a word's attention row merges its pieces' rows (``WORD_ROWS``).
     word_rows: str = "mean"
+    #: Bytes of working memory beyond the model (``pipelines.compute.budget``): bounds the
+    #: batches, the reduction's query blocks and the rows buffered before a shard is written.
+    memory_budget: int = 2 * 2**30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entropy_epsilon", parse_entropy_epsilon(self.entropy_epsilon))
