@@ -72,4 +72,5 @@ ANALYSIS = Analysis(
     finalise=_finalise,
     describe=_describe,
     service=True,
+    layerwise=True,
 )

@@ -82,7 +82,12 @@ class Analysis:
       ``finalise(dataset folder, finals)`` adds or replaces tables in ``finals`` (which holds
       ``head_summary`` and the tables of the analyses before it);
     - ``describe``: its entry in the manifest's ``analyses``;
-    - ``service``: whether an HTTP request may ask for it.
+    - ``service``: whether an HTTP request may ask for it;
+    - ``layerwise``: its ``per_batch`` works on one layer at a time: the engine calls it once
+      per layer with ``context.attn`` of shape [1, B, H, S, S] and ``context.layer`` set, and
+      adds ``context.layer`` to the ``layer`` column of its tables. An analysis that is not
+      layerwise (a per-batch one, or one with a shard state) gets every layer stacked
+      ([L, B, H, S, S]), which the engine then holds for the whole batch.
     """
 
     name: str
@@ -94,6 +99,19 @@ class Analysis:
     finalise: Callable[[Path, dict[str, pa.Table]], None] | None = None
     describe: Callable[[RunConfig], dict] = lambda config: {}
     service: bool = False
+    layerwise: bool = False
+
+    @property
+    def needs_all_layers(self) -> bool:
+        """Whether it reads every layer's attention at once (see ``layerwise``)."""
+        return ((self.per_batch is not None and not self.layerwise)
+                or self.shard_state is not None)
+
+
+def layers_held(chosen: Iterable[str], num_layers: int) -> int:
+    """Layers of attention a batch holds at once with the analyses ``chosen``: 1 when the
+    engine streams layer by layer, ``num_layers`` when one of them needs every layer."""
+    return num_layers if any(a.needs_all_layers for a in selected(chosen)) else 1
 
 
 _REGISTRY: dict[str, Analysis] = {}

@@ -141,4 +141,5 @@ ANALYSIS = Analysis(
     text_tables=lambda windows: {"words": words_table(windows)},
     describe=_describe,
     service=True,
+    layerwise=True,
 )
