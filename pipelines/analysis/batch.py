@@ -12,14 +12,22 @@ from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipelines.analysis import registry
-from pipelines.analysis.registry import BatchContext, ShardState
+from pipelines.analysis.registry import (
+    Analysis,
+    BatchContext,
+    BatchTables,
+    ShardState,
+    layers_held,
+)
 from pipelines.backends.base import Backend, Capability, QueryKey, require
 from pipelines.backends.batching import Batch, collate, plan_batches
-from pipelines.compute.kept import kept_weights
-from pipelines.compute.stats import KeyFlags, head_statistics, row_order
+from pipelines.compute.budget import MemoryBudget
+from pipelines.compute.stats import KeyFlags
+from pipelines.compute.streaming import LayerReduction, ReductionSpec, query_block_rows
 from pipelines.config import RunConfig
 from pipelines.dataset import schema
 from pipelines.dataset.tables import (
@@ -30,6 +38,7 @@ from pipelines.dataset.tables import (
     tokens_table,
 )
 from pipelines.dataset.tables import sort_tables as _sort_tables
+from pipelines.models import ModelInfo
 from pipelines.text.tokenize import Window
 
 # ------------------------------------------------------------- query/key capture (qk table)
@@ -76,44 +85,118 @@ def _qk_tables(batch: Batch, captured: list[QueryKey],
 
 # ---------------------------------------------------------------------------- per batch
 
+def reduction_spec(info: ModelInfo, config: RunConfig, batch_size: int,
+                   length: int) -> ReductionSpec:
+    """How a batch of ``batch_size`` windows of ``length`` tokens is reduced: query blocks
+    sized so their temporaries take at most a quarter of the budget's batch share."""
+    budget = MemoryBudget(config.memory_budget)
+    block = query_block_rows(batch_size, info.num_heads, length, budget.batch_bytes // 4)
+    return ReductionSpec(info.num_layers, info.causal, config.local_window,
+                         info.sep_token_id is not None, config.attention,
+                         config.entropy_epsilon, block)
+
+
+class _LayerwiseTables:
+    """The tables of the layerwise analyses, collected layer by layer and then put in
+    (batch row, layer, ...) order."""
+
+    def __init__(self, analyses: list[Analysis]) -> None:
+        self.analyses = analyses
+        self.parts: dict[str, list[tuple[pa.Table, np.ndarray]]] = {}
+
+    def add(self, context: BatchContext) -> None:
+        for analysis in self.analyses:
+            assert analysis.per_batch is not None
+            for name, (table, owner) in analysis.per_batch(context).items():
+                self.parts.setdefault(name, []).append((_shift_layer(table, context.layer),
+                                                        owner))
+
+    def tables(self) -> BatchTables:
+        merged: BatchTables = {}
+        for name, parts in self.parts.items():
+            owner = np.concatenate([o for _, o in parts])
+            order = np.argsort(owner, kind="stable")  # layers stay in order within a window
+            merged[name] = (pa.concat_tables([t for t, _ in parts]).take(order), owner[order])
+        return merged
+
+
+def _shift_layer(table: pa.Table, layer: int) -> pa.Table:
+    """``table`` with ``layer`` added to its ``layer`` column (if it has one)."""
+    if not layer or "layer" not in table.column_names:
+        return table
+    index = table.column_names.index("layer")
+    column = table.column(index)
+    return table.set_column(index, table.field(index),
+                            pc.add(column, pa.scalar(layer, column.type)))
+
+
 def analyse_batch(backend: Backend, batch: Batch, config: RunConfig,
-                  rank: np.ndarray | None = None,
                   states: Mapping[str, ShardState] | None = None) -> dict[str, pa.Table]:
     """Forward pass, statistics, kept weights and the asked-for analyses of one batch.
 
     Rows come grouped by batch row (window), each window's rows in (layer, head, query, key)
-    order. With ``rank`` (one integer per batch row), every table gets a ``_rank`` column
-    holding its window's rank, for ordering rows across batches. ``states`` (by analysis
-    name) accumulate over the batches of a shard.
+    order. ``states`` (by analysis name) accumulate over the batches of a shard.
     """
+    return {name: table for name, (table, _) in
+            batch_tables(backend, batch, config, states).items()}
+
+
+def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
+                 states: Mapping[str, ShardState] | None = None) -> BatchTables:
+    """``analyse_batch``'s tables, each with the batch row (window) of every row.
+
+    The attention is reduced layer by layer as the backend forms it
+    (``pipelines.compute.streaming``); layerwise analyses see one layer at a time, and
+    only an analysis that needs every layer at once makes the batch hold them all.
+    """
+    info = backend.info
+    batch = batch.to(backend.device)
+    flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
+    size, length = batch.input_ids.shape
+    reduction = LayerReduction(reduction_spec(info, config, size, length), flags)
+    chosen = registry.selected(config.analyses)
+    layerwise = _LayerwiseTables([a for a in chosen if a.layerwise and a.per_batch])
+    stacked = [a for a in chosen if a.needs_all_layers]
+    held = torch.empty((info.num_layers, size, info.num_heads, length, length),
+                       device=backend.device) if stacked or states else None
+
+    def take(layer: int, probs: torch.Tensor) -> None:  # [B, H, S, S]
+        reduction.add_layer(layer, probs)
+        if layerwise.analyses:
+            layerwise.add(BatchContext(batch, probs[None], info, config, layer))
+        if held is not None:
+            held[layer] = probs
+
     capture = backend.capture_queries_keys() if config.capture_qk else nullcontext([])
     with capture as captured:
-        attn = backend.attentions(batch)  # [L, B, H, S, S] float32, zeros on pad keys
-    batch = batch.to(attn.device)
-    flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
-    mode, info = config.attention, backend.info
-    order = row_order(attn, mode.k if mode.kind == "topk" else None)  # one sort per batch
-    stats = head_statistics(attn, flags, info.causal, config.local_window,
-                            has_sep=info.sep_token_id is not None, order=order,
-                            entropy_epsilon=config.entropy_epsilon)
-    kept = kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
-    context = BatchContext(batch, attn, info, config)
-    per_head = context.per_head_owner
+        backend.layers(batch, take)
+    stats, kept = reduction.statistics(), reduction.kept()
+    per_head = np.repeat(np.arange(size), info.num_layers * info.num_heads)
     owned = {  # every table with the batch row of each of its rows
         "head_stats": (stats_table(batch.windows, stats), per_head),
-        "attention": (attention_table(batch.windows, kept, mode.kind == "full"),
+        "attention": (attention_table(batch.windows, kept, config.attention.kind == "full"),
                       kept["batch_index"] if kept is not None else per_head[:0]),
+        **layerwise.tables(),
     }
-    for analysis in registry.selected(config.analyses):
-        if analysis.per_batch is not None:
-            owned.update(analysis.per_batch(context))
+    if held is not None:
+        context = BatchContext(batch, held, info, config)
+        for analysis in stacked:
+            if analysis.per_batch is not None:
+                owned.update(analysis.per_batch(context))
+        for state in (states or {}).values():
+            state.add(context)
     owned.update(_qk_tables(batch, captured, config))
-    for state in (states or {}).values():
-        state.add(context)
-    if rank is None:
-        return {name: table for name, (table, _) in owned.items()}
-    return {name: table.append_column("_rank", pa.array(rank[owner]))
-            for name, (table, owner) in owned.items()}
+    return owned
+
+
+def batch_attention_cells(backend: Backend, config: RunConfig) -> int:
+    """Attention cells (B x H x S^2 of one layer) a batch may have under the job's memory
+    budget: the budget's batch share over the layers held at once (one when the backend
+    streams layers and no chosen analysis needs them all)."""
+    layers = backend.info.num_layers
+    held = layers_held(config.analyses, layers) \
+        if Capability.LAYER_STREAMING in backend.capabilities else layers
+    return MemoryBudget(config.memory_budget).attention_cells(held)
 
 
 def model_tables(backend: Backend, windows: list[Window], config: RunConfig,
@@ -121,30 +204,38 @@ def model_tables(backend: Backend, windows: list[Window], config: RunConfig,
                  states: Mapping[str, ShardState] | None = None) -> dict[str, pa.Table]:
     """The model's tables for ``windows`` (statistics, weights, analyses), batched by length.
 
-    Rows come out sorted by (doc_id, window, layer, head[, query, key]) without sorting the
-    rows themselves: windows are ranked by (doc_id, window), each batch emits its rows in
-    window order, and one stable integer sort on the rank interleaves the batches.
+    Rows come out sorted by (doc_id, window, layer, head[, query, key]) without sorting or
+    copying the rows themselves: windows are ranked by (doc_id, window), each batch emits
+    its rows grouped by window, and the windows' runs of rows are put in rank order.
     ``states`` (by analysis name) accumulate over every batch.
     """
     by_key = sorted(range(len(windows)), key=lambda i: (windows[i].doc.doc_id, windows[i].window))
     rank = np.empty(len(windows), dtype=np.int64)
     rank[by_key] = np.arange(len(windows))
-    parts: dict[str, list[pa.Table]] = {}
-    heads = backend.info.num_layers * backend.info.num_heads
-    for indices in plan_batches([w.n_tokens for w in windows], config.batch_tokens, heads):
+    runs: dict[str, list[tuple[int, pa.Table]]] = {}
+    lengths = [w.n_tokens for w in windows]
+    for indices in plan_batches(lengths, config.batch_tokens, backend.info.num_heads,
+                                batch_attention_cells(backend, config)):
         batch = collate([windows[i] for i in indices], backend.info.pad_token_id)
-        for name, table in analyse_batch(backend, batch, config, rank[indices],
-                                         states).items():
-            parts.setdefault(name, []).append(table)
+        for name, (table, owner) in batch_tables(backend, batch, config, states).items():
+            runs.setdefault(name, []).extend(window_runs(table, rank[indices][owner]))
         if on_batch is not None:
             on_batch(batch.windows)
-    return {name: _by_rank(pa.concat_tables(tables)) for name, tables in parts.items()}
+    # One chunk per window run: Parquet writes chunked tables as fast as combined ones, and
+    # combining would copy every row once more.
+    return {name: pa.concat_tables([table for _, table in sorted(parts, key=lambda r: r[0])])
+            for name, parts in runs.items()}
 
 
-def _by_rank(table: pa.Table) -> pa.Table:
-    """Rows ordered by their window's rank (stable), without the ``_rank`` column."""
-    order = np.argsort(table["_rank"].to_numpy(), kind="stable")
-    return table.drop_columns("_rank").take(order)
+def window_runs(table: pa.Table, ranks: np.ndarray) -> list[tuple[int, pa.Table]]:
+    """``table`` cut into runs of rows of one window each: (the window's rank, the rows, a
+    zero-copy slice); ``ranks`` holds each row's window rank."""
+    if not len(ranks):
+        return [(-1, table)]  # no rows: keeps the table's schema in the result
+    edges = np.flatnonzero(np.diff(ranks)) + 1
+    starts = np.concatenate([[0], edges])
+    stops = np.concatenate([edges, [len(ranks)]])
+    return [(int(ranks[a]), table.slice(a, b - a)) for a, b in zip(starts, stops, strict=True)]
 
 
 def text_tables(windows: list[Window], analyses: tuple[str, ...]) -> dict[str, pa.Table]:

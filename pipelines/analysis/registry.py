@@ -43,9 +43,10 @@ class BatchContext:
     """What a per-batch analysis gets: one padded batch and its attention."""
 
     batch: Batch  # on the attention's device
-    attn: torch.Tensor  # [L, B, H, S, S] float32, zeros on pad keys
+    attn: torch.Tensor  # [L, B, H, S, S] float32, zeros on pad keys ([1, ...] if layerwise)
     info: ModelInfo
     config: RunConfig
+    layer: int = 0  # the model layer of attn[0] (layerwise analyses see one at a time)
 
     @property
     def per_head_owner(self) -> np.ndarray:

@@ -8,6 +8,7 @@ Every backend runs a forward pass and returns attention probabilities. Anything 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -26,6 +27,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 #: One layer's projected queries and keys [B, H, S, d] and the factor their dot products are
 #: scaled by before the softmax: softmax(q @ k.T * scaling + mask) is the attention.
 QueryKey = tuple[torch.Tensor, torch.Tensor, float]
+#: Receives (layer, probabilities [B, H, S, S] float32 with zeros on padded keys), layer by
+#: layer in order. The tensor may be reused once the call returns: keep a copy, not it.
+LayerSink = Callable[[int, torch.Tensor], None]
 
 
 class Capability(str, enum.Enum):
@@ -37,6 +41,9 @@ class Capability(str, enum.Enum):
     QUERY_KEY_CAPTURE = "query_key_capture"
     #: ``hidden_states(batch)``: the residual stream after the embeddings and every block.
     HIDDEN_STATES = "hidden_states"
+    #: ``layers(batch, sink)`` hands each layer over while the forward pass runs, so one
+    #: layer's attention is held at a time (without it, every layer exists at once).
+    LAYER_STREAMING = "layer_streaming"
 
 
 class UnsupportedCapability(ConfigError):
@@ -58,8 +65,15 @@ class Backend(Protocol):
     @property
     def tokenizer(self): ...
 
+    def layers(self, batch: Batch, sink: LayerSink) -> None:
+        """Run the forward pass and call ``sink(layer, probs)`` for layers 0 .. L - 1 in
+        order; ``probs`` is [B, H, S, S] float32 on ``device``, pad keys 0. With
+        LAYER_STREAMING each layer arrives as the forward pass forms it."""
+        ...
+
     def attentions(self, batch: Batch) -> torch.Tensor:
-        """[L, B, H, S, S] float32 attention probabilities on ``device``; pad keys get 0."""
+        """[L, B, H, S, S] float32 attention probabilities on ``device``; pad keys get 0.
+        Every layer at once: for tests, views and analyses that need them stacked."""
         ...
 
     def describe(self) -> dict:
@@ -77,6 +91,13 @@ class Backend(Protocol):
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """[L+1, B, S, D] float32: the embeddings' and every block's output."""
         ...
+
+
+def stacked_attentions(backend: Backend, batch: Batch) -> torch.Tensor:
+    """[L, B, H, S, S]: the layers ``backend.layers`` hands over, stacked."""
+    layers: list[torch.Tensor] = []
+    backend.layers(batch, lambda layer, probs: layers.append(probs))
+    return torch.stack(layers)
 
 
 def require(backend: Backend, capability: Capability, purpose: str) -> None:

@@ -9,11 +9,16 @@ from pipelines.compute.stats import keys_visible
 from pipelines.config import AttentionMode
 
 
-def visible_pairs(valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[B, S, S] bool: query i may see key j (both real; j <= i in causal models)."""
-    pairs = valid[:, :, None] & valid[:, None, :]
+def visible_pairs(valid: torch.Tensor, causal: bool, start: int = 0,
+                  rows: int | None = None) -> torch.Tensor:
+    """[B, Q, S] bool: query i may see key j (both real; j <= i in causal models), for the
+    query rows i = ``start`` .. ``start`` + Q - 1 (default: every row, Q = S)."""
+    stop = valid.shape[-1] if rows is None else start + rows
+    pairs = valid[:, start:stop, None] & valid[:, None, :]
     if causal:
-        pairs = pairs & torch.ones_like(pairs[0]).tril()[None]
+        queries = torch.arange(start, stop, device=valid.device)
+        keys = torch.arange(valid.shape[-1], device=valid.device)
+        pairs = pairs & (keys[None, :] <= queries[:, None])[None]
     return pairs
 
 
@@ -39,21 +44,25 @@ def top_k_mask(attn: torch.Tensor, kth_largest: torch.Tensor, visible: torch.Ten
 
 
 def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: AttentionMode,
-                 kth_largest: torch.Tensor | None = None) -> dict[str, np.ndarray] | None:
+                 kth_largest: torch.Tensor | None = None, start: int = 0,
+                 first_layer: int = 0) -> dict[str, np.ndarray] | None:
     """Columns (batch_index, layer, head, query, key, weight) of the kept weights, or None.
 
-    ``attn`` is [L, B, H, S, S] with zeros on padded keys; padded queries and keys and, in
-    causal models, future keys are never kept. ``topk`` needs each row's k-th largest weight
-    (``row_order(attn, k).kth_largest``).
+    ``attn`` is [L, B, H, Q, S] with zeros on padded keys: the query rows ``start`` ..
+    ``start`` + Q - 1 (default: whole maps) of layers ``first_layer`` .. + L - 1. Padded
+    queries and keys and, in causal models, future keys are never kept. ``topk`` needs each
+    row's k-th largest weight (``row_order(attn, k).kth_largest``).
     """
     if mode.kind == "none":
         return None
-    visible = visible_pairs(valid, causal)  # [B, S, S]
+    rows = attn.shape[-2]
+    visible = visible_pairs(valid, causal, start, rows)  # [B, Q, S]
     if mode.kind == "topk":
         if kth_largest is None:
             raise ValueError("topk needs each row's k-th largest weight (row_order)")
         k = min(mode.k, attn.shape[-1])
-        quota = torch.minimum(keys_visible(valid, causal), torch.tensor(float(k))).long()
+        quota = torch.minimum(keys_visible(valid, causal)[:, start:start + rows],
+                              torch.tensor(float(k))).long()
         keep = top_k_mask(attn, kth_largest, visible, quota)
     elif mode.kind == "threshold":
         keep = (attn >= mode.threshold) & visible[None, :, None]
@@ -62,12 +71,12 @@ def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: At
     index = keep.permute(1, 0, 2, 3, 4).nonzero()  # [N, 5]: batch, layer, head, query, key
     layer_first = index[:, [1, 0, 2, 3, 4]]
     weights = attn[layer_first.unbind(-1)]
-    rows = index.cpu().numpy()
+    found = index.cpu().numpy()
     return {  # rows in (batch, layer, head, query, key) order
-        "batch_index": rows[:, 0],
-        "layer": rows[:, 1].astype(np.int32),  # signed, as every integer column is stored
-        "head": rows[:, 2].astype(np.int32),
-        "query": rows[:, 3].astype(np.int32),
-        "key": rows[:, 4].astype(np.int32),
+        "batch_index": found[:, 0],
+        "layer": (found[:, 1] + first_layer).astype(np.int32),  # signed, as every integer
+        "head": found[:, 2].astype(np.int32),  # column is stored
+        "query": (found[:, 3] + start).astype(np.int32),
+        "key": found[:, 4].astype(np.int32),
         "weight": weights.cpu().numpy().astype(np.float16 if mode.kind == "full" else np.float32),
     }

@@ -128,32 +128,37 @@ def row_order(attn: torch.Tensor, k: int | None = None, mass: float = K90_MASS) 
     return RowOrder(max_weight, (size - droppable).float(), kth)
 
 
-def _diagonal(attn: torch.Tensor, offset: int) -> torch.Tensor:
-    """[L, B, H, S]: A_i,i+offset for every query i (0 where that key does not exist)."""
-    diag = attn.diagonal(offset=offset, dim1=-2, dim2=-1)
-    pad = (0, offset) if offset > 0 else (-offset, 0)
-    return torch.nn.functional.pad(diag, pad)
+def block_diagonal(attn: torch.Tensor, start: int, offset: int) -> torch.Tensor:
+    """[..., Q]: A_i,i+offset for the query rows i = start .. start + Q - 1 of a block
+    ``attn`` [..., Q, S] (0 where that key does not exist)."""
+    rows, keys = attn.shape[-2:]
+    shift = start + offset  # key of block row r is r + shift
+    first = min(rows, max(0, -shift))  # block rows before it have no such key
+    diag = attn.diagonal(offset=shift, dim1=-2, dim2=-1) if -rows < shift < keys \
+        else attn[..., :0, 0]
+    return torch.nn.functional.pad(diag, (first, rows - first - diag.shape[-1]))
 
 
-def _shifted(flags: torch.Tensor, offset: int) -> torch.Tensor:
-    """[B, S]: flags[i + offset] for every query i (0 where that key does not exist)."""
-    if offset > 0:
-        return torch.nn.functional.pad(flags[:, offset:], (0, offset))
-    if offset < 0:
-        return torch.nn.functional.pad(flags[:, :offset], (-offset, 0))
-    return flags
+def shifted_keys(flags: torch.Tensor, start: int, rows: int, offset: int) -> torch.Tensor:
+    """[B, Q]: flags[i + offset] for the query rows i = start .. start + Q - 1 (0 where that
+    key does not exist); ``flags`` is [B, S]."""
+    keys = flags.shape[-1]
+    positions = torch.arange(start, start + rows, device=flags.device) + offset  # [Q]
+    inside = (positions >= 0) & (positions < keys)
+    return flags[:, positions.clamp(0, keys - 1)] * inside[None, :]
 
 
-def _band(attn: torch.Tensor, width: int,
+def _band(attn: torch.Tensor, start: int, width: int,
           key_flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L, B, H, S] each: mass with abs(i - j) <= width, and the part of it on flagged keys."""
+    """[L, B, H, Q] each: mass with abs(i - j) <= width, and the part of it on flagged keys."""
     inside = torch.zeros_like(attn[..., 0])
     inside_flagged = torch.zeros_like(inside)
     reach = min(width, attn.shape[-1] - 1)  # diagonals beyond the matrix hold nothing
     for offset in range(-reach, reach + 1):
-        diag = _diagonal(attn, offset)
+        diag = block_diagonal(attn, start, offset)
         inside += diag
-        inside_flagged += diag * _shifted(key_flags, offset)[None, :, None, :]
+        inside_flagged += diag * shifted_keys(key_flags, start, attn.shape[-2],
+                                              offset)[None, :, None, :]
     return inside, inside_flagged
 
 
@@ -181,59 +186,97 @@ def smoothed_row_entropy(attn: torch.Tensor, valid: torch.Tensor,
     return -((1.0 - epsilon) * weighted + spread * log_sum)
 
 
-def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
-                    has_sep: bool, order: RowOrder | None = None,
-                    entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
-    """Every statistic as a [L, B, H] float32 tensor (``n_tokens`` as [B]).
+#: Statistics that are means over the rows with k_i > 1, not over every valid row.
+_NORM_ROW_STATS = ("entropy_norm",)
 
-    ``attn`` is [L, B, H, S, S] float32 with zeros on padded keys; padded query rows are
-    ignored whatever they hold. ``order`` (from ``row_order``) is reused if given.
-    ``entropy_epsilon`` > 0 smooths the maps of ``entropy`` (``smoothed_row_entropy``).
+
+def row_terms(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
+              start: int = 0, order: RowOrder | None = None,
+              entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
+    """Every statistic's term for each query row of a block, [L, B, H, Q] float32.
+
+    ``attn`` [L, B, H, Q, S] holds the query rows ``start`` .. ``start`` + Q - 1 of every
+    window (Q = S and ``start`` = 0 for whole maps), zeros on padded keys; ``flags`` describe
+    the whole windows ([B, S]). A statistic is the mean of its terms over the valid rows
+    (``row_sums``, ``finish_statistics``). ``order`` (``row_order`` of the same block) is
+    reused if given; ``entropy_epsilon`` > 0 smooths ``entropy``'s maps.
     """
-    size = attn.shape[-1]
-    q = flags.valid.float()  # [B, S]: query rows that count
-    n = q.sum(-1)  # [B]
-
-    def row_mean(per_row: torch.Tensor) -> torch.Tensor:  # [L, B, H, S] → [L, B, H]
-        return (per_row * q[None, :, None, :]).sum(-1) / n[None, :, None]
-
-    k_i = keys_visible(flags.valid, causal)  # [B, S]
-    norm_rows = (k_i > 1).float()  # [B, S]: rows that enter entropy_norm
+    rows, size = attn.shape[-2:]
+    k_i = keys_visible(flags.valid, causal)[:, start:start + rows]  # [B, Q]
     log_k = torch.where(k_i > 1, k_i.clamp(min=2).log(), torch.ones_like(k_i))
-    entropy_rows = row_entropy(attn)  # [L, B, H, S]
-    entropy_norm = ((entropy_rows / log_k[None, :, None, :]) * norm_rows[None, :, None, :]).sum(-1)
-    entropy_norm = entropy_norm / norm_rows.sum(-1).clamp(min=1)[None, :, None]
-
-    positions = torch.arange(size, device=attn.device)
-    distance = (positions[:, None] - positions[None, :]).abs().float()  # [S, S]
+    entropy_rows = row_entropy(attn)  # [L, B, H, Q]
+    queries = torch.arange(start, start + rows, device=attn.device)
+    distance = (queries[:, None] - torch.arange(size, device=attn.device)[None, :]).abs()
     key_features = torch.stack([flags.is_sep, flags.is_special, flags.is_punct], -1).float()
-    key_mass = torch.einsum("lbhqk,bkf->lbhqf", attn, key_features)  # [L, B, H, S, 3]
-    window, window_special = _band(attn, local_window, flags.is_special.float())
-
+    key_mass = torch.einsum("lbhqk,bkf->lbhqf", attn, key_features)  # [L, B, H, Q, 3]
+    window, window_special = _band(attn, start, local_window, flags.is_special.float())
     order = order or row_order(attn)
-    k90_rows = torch.minimum(order.k90, k_i[None, :, None, :].clamp(min=1))
-
-    stats = {
-        "entropy": row_mean(entropy_rows if not entropy_epsilon else
-                            smoothed_row_entropy(attn, flags.valid, entropy_epsilon)),
-        "entropy_norm": entropy_norm,
-        "max_weight": row_mean(order.max_weight),
-        "mass_self": row_mean(_diagonal(attn, 0)),
-        "mass_prev": row_mean(_diagonal(attn, -1)),
-        "mass_next": row_mean(_diagonal(attn, 1)),
-        "mass_first": row_mean(attn[..., 0]),
-        "mass_sep": row_mean(key_mass[..., 0]),
-        "mass_special": row_mean(key_mass[..., 1]),
-        "mass_punct": row_mean(key_mass[..., 2]),
-        "mean_distance": row_mean(torch.einsum("lbhqk,qk->lbhq", attn, distance)),
-        "mass_window": row_mean(window),
-        "mass_sparse": row_mean(window + key_mass[..., 1] - window_special),
-        "k90": row_mean(k90_rows),
+    return {
+        "entropy": entropy_rows if not entropy_epsilon else
+        smoothed_row_entropy(attn, flags.valid, entropy_epsilon),
+        "entropy_norm": entropy_rows / log_k[None, :, None, :],
+        "max_weight": order.max_weight,
+        "mass_self": block_diagonal(attn, start, 0),
+        "mass_prev": block_diagonal(attn, start, -1),
+        "mass_next": block_diagonal(attn, start, 1),
+        "mass_first": attn[..., 0],
+        "mass_sep": key_mass[..., 0],
+        "mass_special": key_mass[..., 1],
+        "mass_punct": key_mass[..., 2],
+        "mean_distance": torch.einsum("lbhqk,qk->lbhq", attn, distance.float()),
+        "mass_window": window,
+        "mass_sparse": window + key_mass[..., 1] - window_special,
+        "k90": torch.minimum(order.k90, k_i[None, :, None, :].clamp(min=1)),
     }
-    no_norm_rows = norm_rows.sum(-1) == 0  # [B]: a one-token window has no entropy_norm
-    stats["entropy_norm"] = stats["entropy_norm"].masked_fill(no_norm_rows[None, :, None],
+
+
+def row_weights(valid: torch.Tensor, causal: bool, start: int = 0,
+                rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Q] float each: the rows ``start`` .. ``start`` + Q - 1 that enter a statistic's
+    mean: every valid query, and (for ``entropy_norm``) those with k_i > 1."""
+    stop = valid.shape[-1] if rows is None else start + rows
+    q = valid[:, start:stop].float()
+    return q, (keys_visible(valid, causal)[:, start:stop] > 1).float()
+
+
+def row_sums(terms: dict[str, torch.Tensor], valid: torch.Tensor, causal: bool,
+             start: int = 0) -> dict[str, torch.Tensor]:
+    """[L, B, H] float32: each statistic's terms (``row_terms``) summed over the rows that
+    enter its mean."""
+    rows = next(iter(terms.values())).shape[-1]
+    q, norm_rows = row_weights(valid, causal, start, rows)
+    return {name: (term * (norm_rows if name in _NORM_ROW_STATS else q)[None, :, None, :])
+            .sum(-1) for name, term in terms.items()}
+
+
+def finish_statistics(sums: dict[str, torch.Tensor], valid: torch.Tensor, causal: bool,
+                      has_sep: bool) -> dict[str, torch.Tensor]:
+    """Every statistic [L, B, H] (``n_tokens`` [B]) from its row sums over whole windows:
+    divided by the rows counted; NaN ``entropy_norm`` for a window with no row of k_i > 1,
+    NaN ``mass_sep`` for a model without a separator token."""
+    q, norm_rows = row_weights(valid, causal)
+    n, norm_count = q.sum(-1), norm_rows.sum(-1)  # [B]
+    stats = {name: total / (norm_count.clamp(min=1) if name in _NORM_ROW_STATS else n)
+             [None, :, None] for name, total in sums.items()}
+    stats["entropy_norm"] = stats["entropy_norm"].masked_fill((norm_count == 0)[None, :, None],
                                                               float("nan"))
     if not has_sep:
         stats["mass_sep"] = torch.full_like(stats["mass_sep"], float("nan"))
     stats["n_tokens"] = n
     return stats
+
+
+def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
+                    has_sep: bool, order: RowOrder | None = None,
+                    entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
+    """Every statistic as a [L, B, H] float32 tensor (``n_tokens`` as [B]), from whole maps.
+
+    ``attn`` is [L, B, H, S, S] float32 with zeros on padded keys; padded query rows are
+    ignored whatever they hold. ``order`` (from ``row_order``) is reused if given.
+    ``entropy_epsilon`` > 0 smooths the maps of ``entropy`` (``smoothed_row_entropy``).
+    This is the stacked path, every layer at once; ``pipelines.compute.streaming`` reduces
+    the same terms layer by layer and block by block.
+    """
+    terms = row_terms(attn, flags, causal, local_window, 0, order, entropy_epsilon)
+    return finish_statistics(row_sums(terms, flags.valid, causal), flags.valid, causal,
+                             has_sep)

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from pipelines import models
-from pipelines.backends.base import Capability, QueryKey, resolve_device, unsupported
+from pipelines.backends.base import (
+    Capability,
+    LayerSink,
+    QueryKey,
+    resolve_device,
+    unsupported,
+)
 from pipelines.backends.batching import Batch
 from pipelines.backends.head_mask import HeadMask
 from pipelines.backends.onnx.graph import FORMAT, GraphNames, graph_inputs
@@ -196,6 +202,11 @@ class OnnxBackend:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return attn.mul_(batch.valid[None, :, None, None, :])
+
+    def layers(self, batch: Batch, sink: LayerSink) -> None:
+        """The graph returns every layer at once; they go to ``sink`` one by one after it."""
+        for layer, probs in enumerate(self.attentions(batch)):
+            sink(layer, probs)
 
     def disabled_heads(self, mask: HeadMask) -> AbstractContextManager[None]:
         raise unsupported(self, Capability.HEAD_MASKING)

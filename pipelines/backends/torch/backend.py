@@ -7,7 +7,13 @@ from contextlib import AbstractContextManager
 import torch
 
 from pipelines import models
-from pipelines.backends.base import Capability, QueryKey, resolve_device
+from pipelines.backends.base import (
+    Capability,
+    LayerSink,
+    QueryKey,
+    resolve_device,
+    stacked_attentions,
+)
 from pipelines.backends.batching import Batch
 from pipelines.backends.head_mask import HeadMask
 from pipelines.backends.torch import hooks
@@ -52,17 +58,30 @@ class TorchBackend:
         return inputs
 
     @torch.inference_mode()
-    def attentions(self, batch: Batch) -> torch.Tensor:
+    def layers(self, batch: Batch, sink: LayerSink) -> None:
+        """Run the forward pass; each attention call hands its layer's probabilities to
+        ``sink`` as it forms them (see :meth:`Backend.layers`)."""
         batch = batch.to(self.device)
-        outputs = self.model(**self._inputs(batch), output_attentions=True)
-        layers = outputs.attentions
-        if not layers or len(layers) != self.info.num_layers:
+        valid_keys = batch.valid[:, None, None, :]  # [B, 1, 1, S]
+        arrived = 0
+
+        def take(probs: torch.Tensor) -> None:  # [B, H, S, S] in the model's dtype
+            nonlocal arrived
+            probs = probs.float() if probs.dtype != torch.float32 else probs
+            sink(arrived, probs.mul_(valid_keys))  # exact zeros on padded keys
+            arrived += 1
+
+        with hooks.layer_sink(take):
+            self.model(**self._inputs(batch))
+        if arrived != self.info.num_layers:
             raise EmptyAttentionError(
-                f"model {self.info.name!r} returned {len(layers or ())} attention tensors for "
-                f"{self.info.num_layers} layers; load it with attn_implementation='eager'"
-            )
-        attn = torch.stack(layers).float()  # [L, B, H, S, S]
-        return attn * batch.valid[None, :, None, None, :]
+                f"model {self.info.name!r} ran {arrived} attention calls for "
+                f"{self.info.num_layers} layers; its attention must go through "
+                "transformers' AttentionInterface")
+
+    def attentions(self, batch: Batch) -> torch.Tensor:
+        """[L, B, H, S, S] float32, zeros on padded keys: every layer, stacked."""
+        return stacked_attentions(self, batch)
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""headscope's attention function for PyTorch models: head masking and query/key capture.
+"""headscope's attention function for PyTorch models: the layer sink, head masking and
+query/key capture.
+
+Every attention call of a model loaded by the torch backend runs here. Inside a
+:func:`layer_sink` block each call hands its layer's probabilities [B, H, S, S] to the sink
+as soon as they are formed (the streaming reduction takes them there, one layer at a time).
 
 transformers 5 removed the ``head_mask`` argument from BERT and GPT-2, so headscope masks heads
 itself, with the old semantics: a disabled head's attention probabilities are multiplied by 0,
@@ -46,6 +51,9 @@ class _MaskState:
 _ACTIVE: ContextVar[_MaskState | None] = ContextVar("headscope_head_mask", default=None)
 #: While set, every attention call appends its (query, key, scaling); query/key [B, H, S, d].
 _QK_SINK: ContextVar[list[QueryKey] | None] = ContextVar("headscope_qk_sink", default=None)
+#: While set, every attention call passes its (masked) probabilities [B, H, Sq, Sk] here.
+_LAYER_SINK: ContextVar[Callable[[torch.Tensor], None] | None] = ContextVar(
+    "headscope_layer_sink", default=None)
 _EAGER: dict[type, Callable] = {}
 
 
@@ -85,6 +93,16 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) \
             or query.shape[-1] ** -0.5
         sink.append((query.detach(), key.detach(), float(scaling)))
+    context, probs = _masked(context, probs)
+    layer_sink = _LAYER_SINK.get()
+    if layer_sink is not None:
+        layer_sink(probs)
+    return context, probs
+
+
+def _masked(context: torch.Tensor,
+            probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current layer's heads scaled by the active head mask (unchanged without one)."""
     state = _ACTIVE.get()
     if state is None or state.calls is None:  # not inside a masked forward pass
         return context, probs
@@ -99,6 +117,17 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     context = context * keep.to(context)[None, None, :, None]  # [B, Sq, H, d]
     probs = probs * keep.to(probs)[None, :, None, None]  # [B, H, Sq, Sk]
     return context, probs
+
+
+@contextmanager
+def layer_sink(sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, each attention call passes its layer's probabilities [B, H, Sq, Sk]
+    (after head masking) to ``sink``, in layer order, while the forward pass runs."""
+    token = _LAYER_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _LAYER_SINK.reset(token)
 
 
 def _start_forward(module: nn.Module, args: tuple) -> None:

@@ -1,0 +1,138 @@
+"""The streaming reduction: statistics and kept weights taken layer by layer, block by block.
+
+A backend hands each layer's attention probabilities to :meth:`LayerReduction.add_layer` as
+the forward pass forms them; the layer is cut into blocks of query rows, every statistic's
+per-row terms (``stats.row_terms``) and the kept weights of a block are taken, and the block
+is dropped. Only the [L, B, H] row sums and the kept rows outlive a layer, so no tensor of
+size L x B x H x S x S is ever built. ``stats.head_statistics`` and ``kept.kept_weights`` on
+stacked maps are the explicit path computing the same terms at once. With one block per layer
+the two agree bit for bit; with smaller blocks each block's float32 row sum is added in
+float64, so they differ by the stacked path's own float32 summation error (pairwise:
+at most about log2(S) ulps of the mean) and the few ulps by which a block's einsum may round
+its row terms differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipelines.compute.kept import kept_weights
+from pipelines.compute.stats import (
+    KeyFlags,
+    finish_statistics,
+    row_order,
+    row_sums,
+    row_terms,
+)
+from pipelines.config import AttentionMode
+
+#: Bytes of float32 temporaries the reduction keeps alive per attention cell of a block:
+#: the sort's scratch copy, the kept-weight masks and the row terms' products.
+BLOCK_TEMPORARY_BYTES = 16
+
+
+def query_block_rows(batch: int, heads: int, length: int, budget_bytes: int) -> int:
+    """Query rows per block so that a block's temporaries (B x H x Q x S cells, each
+    ``BLOCK_TEMPORARY_BYTES``) stay within ``budget_bytes``; at least 1, at most S."""
+    per_row = batch * heads * length * BLOCK_TEMPORARY_BYTES
+    return max(1, min(length, budget_bytes // max(1, per_row)))
+
+
+@dataclass
+class ReductionSpec:
+    """What the reduction of one batch takes from each layer."""
+
+    num_layers: int
+    causal: bool
+    local_window: int
+    has_sep: bool
+    mode: AttentionMode
+    entropy_epsilon: float = 0.0
+    #: Query rows per block (None: the whole window, one block per layer).
+    block_rows: int | None = None
+
+
+@dataclass
+class LayerReduction:
+    """The statistics and kept weights of one padded batch, fed one layer at a time.
+
+    ``flags`` describe the batch's windows ([B, S], on the attention's device). Call
+    :meth:`add_layer` for layers 0 .. L - 1 in order, then :meth:`statistics` and
+    :meth:`kept`.
+    """
+
+    spec: ReductionSpec
+    flags: KeyFlags
+    _sums: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per layer, [1, B, H]
+    _kept: list[dict[str, np.ndarray]] = field(default_factory=list)  # per (layer, block)
+
+    def add_layer(self, layer: int, probs: torch.Tensor) -> None:
+        """Reduce layer ``layer``'s probabilities [B, H, S, S] float32 (zeros on pad keys)."""
+        if layer != len(self._sums):
+            raise RuntimeError(f"layer {layer} arrived after {len(self._sums)} layers; the "
+                               "reduction takes layers in order")
+        spec, length = self.spec, probs.shape[-1]
+        step = min(spec.block_rows or length, length)
+        k = spec.mode.k if spec.mode.kind == "topk" else None
+        layer_sums: dict[str, torch.Tensor] = {}
+        for start in range(0, length, step):
+            block = probs[None, :, :, start:start + step]  # [1, B, H, Q, S]
+            order = row_order(block, k)
+            terms = row_terms(block, self.flags, spec.causal, spec.local_window, start, order,
+                              spec.entropy_epsilon)
+            for name, total in row_sums(terms, self.flags.valid, spec.causal, start).items():
+                total = total.double()  # blocks add up exactly; one block is the float32 sum
+                layer_sums[name] = total if name not in layer_sums else layer_sums[name] + total
+            kept = kept_weights(block, self.flags.valid, spec.causal, spec.mode,
+                                order.kth_largest, start=start, first_layer=layer)
+            if kept is not None:
+                self._kept.append(kept)
+        self._sums.append(layer_sums)
+
+    def _check_complete(self) -> None:
+        if len(self._sums) != self.spec.num_layers:
+            raise RuntimeError(f"{len(self._sums)} of {self.spec.num_layers} layers reduced")
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Every statistic [L, B, H] float32 (``n_tokens`` [B]), as ``head_statistics``."""
+        self._check_complete()
+        sums = {name: torch.cat([layer[name] for layer in self._sums]).float()
+                for name in self._sums[0]}
+        return finish_statistics(sums, self.flags.valid, self.spec.causal, self.spec.has_sep)
+
+    def kept(self) -> dict[str, np.ndarray] | None:
+        """The kept weights' columns in (batch, layer, head, query, key) order, as
+        ``kept_weights`` of the stacked maps gives them; None in the ``none`` mode."""
+        self._check_complete()
+        if self.spec.mode.kind == "none":
+            return None
+        batch, heads = self.flags.valid.shape[0], self._sums[0]["entropy"].shape[-1]
+        order = interleave(self._kept, self.spec.num_layers, batch, heads)
+        return {name: np.concatenate([part[name] for part in self._kept])[order]
+                for name in self._kept[0]}
+
+
+def interleave(parts: list[dict[str, np.ndarray]], layers: int, batch: int,
+               heads: int) -> np.ndarray:
+    """Row order that turns the concatenated ``parts`` into (batch, layer, head, query, key).
+
+    ``parts`` come layer by layer, block by block (the same number of blocks per layer), each
+    in (batch, head, query, key) order; the rows of one (batch, layer, head) are the
+    contiguous runs of that (batch, head) in the layer's blocks, in block order. No sort:
+    the runs are counted and laid out in the wanted order.
+    """
+    blocks = len(parts) // layers
+    groups = batch * heads
+    counts = np.stack([np.bincount(part["batch_index"] * heads + part["head"],
+                                   minlength=groups) for part in parts])  # [parts, B·H]
+    starts = np.cumsum(counts.ravel()).reshape(counts.shape) - counts  # in the concatenation
+    # [layer, block, batch, head] → [batch, layer, head, block]
+    shape = (layers, blocks, batch, heads)
+    starts = starts.reshape(shape).transpose(2, 0, 3, 1).ravel()
+    counts = counts.reshape(shape).transpose(2, 0, 3, 1).ravel()
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    return np.arange(total) + np.repeat(starts - (ends - counts), counts)
