@@ -25,10 +25,10 @@ from pipelines.analysis.registry import (
 )
 from pipelines.backends.base import Backend, Capability, QueryKey, require
 from pipelines.backends.batching import Batch, collate, plan_batches
-from pipelines.compute.budget import MemoryBudget
+from pipelines.compute.budget import CELL_BYTES, LIVE_ATTENTION_COPIES, GiB, MemoryBudget
 from pipelines.compute.stats import KeyFlags
 from pipelines.compute.streaming import LayerReduction, ReductionSpec, query_block_rows
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.dataset import schema
 from pipelines.dataset.tables import (
     attention_table,
@@ -90,7 +90,7 @@ def reduction_spec(info: ModelInfo, config: RunConfig, batch_size: int,
     """How a batch of ``batch_size`` windows of ``length`` tokens is reduced: query blocks
     sized so their temporaries take at most a quarter of the budget's batch share."""
     budget = MemoryBudget(config.memory_budget)
-    block = query_block_rows(batch_size, info.num_heads, length, budget.batch_bytes // 4)
+    block = query_block_rows(batch_size, info.num_heads, length, budget.reduction_bytes)
     return ReductionSpec(info.num_layers, info.causal, config.local_window,
                          info.sep_token_id is not None, config.attention,
                          config.entropy_epsilon, block)
@@ -160,16 +160,16 @@ def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
     held = torch.empty((info.num_layers, size, info.num_heads, length, length),
                        device=backend.device) if stacked or states else None
 
-    def take(layer: int, probs: torch.Tensor) -> None:  # [B, H, S, S]
-        reduction.add_layer(layer, probs)
-        if layerwise.analyses:
+    def take(layer: int, start: int, probs: torch.Tensor) -> None:  # [B, H, Q, S]
+        reduction.add_rows(layer, start, probs)
+        if layerwise.analyses:  # whole layers here (attention_block_rows)
             layerwise.add(BatchContext(batch, probs[None], info, config, layer))
         if held is not None:
             held[layer] = probs
 
     capture = backend.capture_queries_keys() if config.capture_qk else nullcontext([])
     with capture as captured:
-        backend.layers(batch, take)
+        backend.layers(batch, take, attention_block_rows(backend, config, size, length))
     stats, kept = reduction.statistics(), reduction.kept()
     per_head = np.repeat(np.arange(size), info.num_layers * info.num_heads)
     owned = {  # every table with the batch row of each of its rows
@@ -187,6 +187,30 @@ def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
             state.add(context)
     owned.update(_qk_tables(batch, captured, config))
     return owned
+
+
+def attention_block_rows(backend: Backend, config: RunConfig, size: int,
+                         length: int) -> int | None:
+    """Query rows per attention block for a batch of ``size`` windows of ``length`` tokens:
+    None (whole layers, the model's own eager attention) when a layer's attention fits the
+    memory budget, else as many rows as fit. ConfigError when whole layers are needed (an
+    analysis reads whole layers, or the backend forms them itself) and do not fit."""
+    info = backend.info
+    cells = size * info.num_heads * length * length
+    allowed = batch_attention_cells(backend, config)
+    if cells <= allowed:
+        return None
+    whole_layers = [a.name for a in registry.selected(config.analyses)
+                    if a.layerwise or a.needs_all_layers]
+    if whole_layers or Capability.LAYER_STREAMING not in backend.capabilities:
+        needs = ("the analyses " + ", ".join(whole_layers) if whole_layers
+                 else f"the {backend.name} backend")
+        raise ConfigError(
+            f"a {length}-token window needs {cells * CELL_BYTES * LIVE_ATTENTION_COPIES / GiB:.1f}"
+            f" GiB for one layer's attention, and {needs} need whole layers; the memory "
+            f"budget allows {allowed * CELL_BYTES * LIVE_ATTENTION_COPIES / GiB:.1f} GiB. Raise "
+            "--memory-budget or lower --max-length")
+    return max(1, allowed // (size * info.num_heads * length))
 
 
 def batch_attention_cells(backend: Backend, config: RunConfig) -> int:

@@ -27,9 +27,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 #: One layer's projected queries and keys [B, H, S, d] and the factor their dot products are
 #: scaled by before the softmax: softmax(q @ k.T * scaling + mask) is the attention.
 QueryKey = tuple[torch.Tensor, torch.Tensor, float]
-#: Receives (layer, probabilities [B, H, S, S] float32 with zeros on padded keys), layer by
-#: layer in order. The tensor may be reused once the call returns: keep a copy, not it.
-LayerSink = Callable[[int, torch.Tensor], None]
+#: Receives (layer, start, probabilities [B, H, Q, S] float32 with zeros on padded keys):
+#: the query rows start .. start + Q - 1 of that layer. Layers come in order, each layer's
+#: rows in order; a whole layer at once is (layer, 0, [B, H, S, S]).
+LayerSink = Callable[[int, int, torch.Tensor], None]
 
 
 class Capability(str, enum.Enum):
@@ -65,10 +66,11 @@ class Backend(Protocol):
     @property
     def tokenizer(self): ...
 
-    def layers(self, batch: Batch, sink: LayerSink) -> None:
-        """Run the forward pass and call ``sink(layer, probs)`` for layers 0 .. L - 1 in
-        order; ``probs`` is [B, H, S, S] float32 on ``device``, pad keys 0. With
-        LAYER_STREAMING each layer arrives as the forward pass forms it."""
+    def layers(self, batch: Batch, sink: LayerSink, block_rows: int | None = None) -> None:
+        """Run the forward pass and hand every layer's probabilities to ``sink`` (on
+        ``device``, pad keys 0), layers 0 .. L - 1 in order. With LAYER_STREAMING each layer
+        arrives as the forward pass forms it, and ``block_rows`` (if below S) asks for the
+        attention to be computed that many query rows at a time; otherwise whole layers."""
         ...
 
     def attentions(self, batch: Batch) -> torch.Tensor:
@@ -96,7 +98,7 @@ class Backend(Protocol):
 def stacked_attentions(backend: Backend, batch: Batch) -> torch.Tensor:
     """[L, B, H, S, S]: the layers ``backend.layers`` hands over, stacked."""
     layers: list[torch.Tensor] = []
-    backend.layers(batch, lambda layer, probs: layers.append(probs))
+    backend.layers(batch, lambda layer, start, probs: layers.append(probs))
     return torch.stack(layers)
 
 

@@ -68,29 +68,41 @@ class LayerReduction:
     flags: KeyFlags
     _sums: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per layer, [1, B, H]
     _kept: list[dict[str, np.ndarray]] = field(default_factory=list)  # per (layer, block)
+    _open: dict[str, torch.Tensor] = field(default_factory=dict)  # the current layer's sums
+    _next_row: int = 0  # the current layer's first row not yet reduced
 
     def add_layer(self, layer: int, probs: torch.Tensor) -> None:
         """Reduce layer ``layer``'s probabilities [B, H, S, S] float32 (zeros on pad keys)."""
-        if layer != len(self._sums):
-            raise RuntimeError(f"layer {layer} arrived after {len(self._sums)} layers; the "
-                               "reduction takes layers in order")
-        spec, length = self.spec, probs.shape[-1]
-        step = min(spec.block_rows or length, length)
+        self.add_rows(layer, 0, probs)
+
+    def add_rows(self, layer: int, start: int, probs: torch.Tensor) -> None:
+        """Reduce the query rows ``start`` .. ``start`` + Q - 1 of layer ``layer``,
+        ``probs`` [B, H, Q, S] float32 (zeros on pad keys). Layers in order, each layer's
+        rows in order; the layer is complete with its last row."""
+        if layer != len(self._sums) or start != self._next_row:
+            raise RuntimeError(f"rows {start}.. of layer {layer} arrived after row "
+                               f"{self._next_row} of layer {len(self._sums)}; the reduction "
+                               "takes layers and rows in order")
+        spec, rows, length = self.spec, probs.shape[-2], probs.shape[-1]
+        step = min(spec.block_rows or rows, rows)
         k = spec.mode.k if spec.mode.kind == "topk" else None
-        layer_sums: dict[str, torch.Tensor] = {}
-        for start in range(0, length, step):
-            block = probs[None, :, :, start:start + step]  # [1, B, H, Q, S]
+        for offset in range(0, rows, step):
+            first = start + offset  # the block's first query row in the window
+            block = probs[None, :, :, offset:offset + step]  # [1, B, H, Q, S]
             order = row_order(block, k)
-            terms = row_terms(block, self.flags, spec.causal, spec.local_window, start, order,
+            terms = row_terms(block, self.flags, spec.causal, spec.local_window, first, order,
                               spec.entropy_epsilon)
-            for name, total in row_sums(terms, self.flags.valid, spec.causal, start).items():
+            for name, total in row_sums(terms, self.flags.valid, spec.causal, first).items():
                 total = total.double()  # blocks add up exactly; one block is the float32 sum
-                layer_sums[name] = total if name not in layer_sums else layer_sums[name] + total
+                self._open[name] = self._open[name] + total if name in self._open else total
             kept = kept_weights(block, self.flags.valid, spec.causal, spec.mode,
-                                order.kth_largest, start=start, first_layer=layer)
+                                order.kth_largest, start=first, first_layer=layer)
             if kept is not None:
                 self._kept.append(kept)
-        self._sums.append(layer_sums)
+        self._next_row = start + rows
+        if self._next_row == length:
+            self._sums.append(self._open)
+            self._open, self._next_row = {}, 0
 
     def _check_complete(self) -> None:
         if len(self._sums) != self.spec.num_layers:

@@ -203,10 +203,11 @@ class OnnxBackend:
         binding.synchronize_outputs()
         return attn.mul_(batch.valid[None, :, None, None, :])
 
-    def layers(self, batch: Batch, sink: LayerSink) -> None:
-        """The graph returns every layer at once; they go to ``sink`` one by one after it."""
+    def layers(self, batch: Batch, sink: LayerSink, block_rows: int | None = None) -> None:
+        """The graph returns every layer at once; they go to ``sink`` whole, one by one after
+        it (``block_rows`` does not apply: the runtime has formed them already)."""
         for layer, probs in enumerate(self.attentions(batch)):
-            sink(layer, probs)
+            sink(layer, 0, probs)
 
     def disabled_heads(self, mask: HeadMask) -> AbstractContextManager[None]:
         raise unsupported(self, Capability.HEAD_MASKING)

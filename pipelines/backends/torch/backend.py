@@ -58,24 +58,27 @@ class TorchBackend:
         return inputs
 
     @torch.inference_mode()
-    def layers(self, batch: Batch, sink: LayerSink) -> None:
+    def layers(self, batch: Batch, sink: LayerSink, block_rows: int | None = None) -> None:
         """Run the forward pass; each attention call hands its layer's probabilities to
-        ``sink`` as it forms them (see :meth:`Backend.layers`)."""
+        ``sink`` as it forms them, whole or ``block_rows`` query rows at a time (see
+        :meth:`Backend.layers` and ``hooks.blocked_attention``)."""
         batch = batch.to(self.device)
         valid_keys = batch.valid[:, None, None, :]  # [B, 1, 1, S]
-        arrived = 0
+        length = batch.input_ids.shape[1]
+        layer = 0
 
-        def take(probs: torch.Tensor) -> None:  # [B, H, S, S] in the model's dtype
-            nonlocal arrived
+        def take(start: int, probs: torch.Tensor) -> None:  # [B, H, Q, S], model dtype
+            nonlocal layer
             probs = probs.float() if probs.dtype != torch.float32 else probs
-            sink(arrived, probs.mul_(valid_keys))  # exact zeros on padded keys
-            arrived += 1
+            sink(layer, start, probs.mul_(valid_keys))  # exact zeros on padded keys
+            if start + probs.shape[-2] == length:
+                layer += 1
 
-        with hooks.layer_sink(take):
+        with hooks.layer_sink(hooks.AttentionSink(take, block_rows)):
             self.model(**self._inputs(batch))
-        if arrived != self.info.num_layers:
+        if layer != self.info.num_layers:
             raise EmptyAttentionError(
-                f"model {self.info.name!r} ran {arrived} attention calls for "
+                f"model {self.info.name!r} ran {layer} attention calls for "
                 f"{self.info.num_layers} layers; its attention must go through "
                 "transformers' AttentionInterface")
 

@@ -51,9 +51,28 @@ class _MaskState:
 _ACTIVE: ContextVar[_MaskState | None] = ContextVar("headscope_head_mask", default=None)
 #: While set, every attention call appends its (query, key, scaling); query/key [B, H, S, d].
 _QK_SINK: ContextVar[list[QueryKey] | None] = ContextVar("headscope_qk_sink", default=None)
-#: While set, every attention call passes its (masked) probabilities [B, H, Sq, Sk] here.
-_LAYER_SINK: ContextVar[Callable[[torch.Tensor], None] | None] = ContextVar(
-    "headscope_layer_sink", default=None)
+
+
+@dataclass
+class AttentionSink:
+    """Where attention calls send their probabilities, and in how many query rows at a time.
+
+    ``take(start, probs)`` receives [B, H, Q, Sk]: query rows ``start`` .. ``start`` + Q - 1
+    of the layer (after head masking), in order; a layer ends with its last row. With
+    ``block_rows`` None (or at least Sq) the model family's own eager attention runs and the
+    whole layer comes at once (Q = Sq); otherwise :func:`blocked_attention` computes the
+    layer ``block_rows`` query rows at a time, so no [B, H, Sq, Sk] tensor exists.
+    """
+
+    take: Callable[[int, torch.Tensor], None]
+    block_rows: int | None = None
+
+
+#: While set, every attention call passes its probabilities to this sink.
+_LAYER_SINK: ContextVar[AttentionSink | None] = ContextVar("headscope_layer_sink", default=None)
+#: Keyword arguments of attention functions that change the maths in ways the blocked
+#: attention does not implement (learned sink logits, e.g. gpt-oss).
+_UNSUPPORTED_IN_BLOCKS = ("sinks", "s_aux")
 _EAGER: dict[type, Callable] = {}
 
 
@@ -73,13 +92,24 @@ def _eager_attention(module: nn.Module) -> Callable:
 
 def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor, attention_mask: torch.Tensor | None,
-                           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                           **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager attention, then the current layer's heads scaled by the active mask.
 
-    ``query`` is [B, H, Sq, d], ``key``/``value`` [B, H, Sk, d]. Scaling the context by the
-    head factor equals scaling the probabilities before they meet ``value`` (the old
-    ``head_mask``), and leaves kept heads bit-identical.
+    ``query`` is [B, H, Sq, d], ``key``/``value`` [B, H_kv, Sk, d]. Scaling the context by
+    the head factor equals scaling the probabilities before they meet ``value`` (the old
+    ``head_mask``), and leaves kept heads bit-identical. Inside a :func:`layer_sink` block
+    the probabilities go to the sink, and a sink with ``block_rows`` below Sq gets them from
+    :func:`blocked_attention` instead (then no probabilities are returned).
     """
+    sink = _QK_SINK.get()
+    if sink is not None:  # capture_queries_keys(): this layer's projected queries and keys
+        sink.append((query.detach(), key.detach(), float(_scaling(module, query, kwargs))))
+    layer_sink = _LAYER_SINK.get()
+    keep = _next_layer_keep()
+    if layer_sink is not None and layer_sink.block_rows and \
+            query.shape[2] > layer_sink.block_rows:
+        return blocked_attention(module, query, key, value, attention_mask, layer_sink, keep,
+                                 **kwargs), None
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's optional eager variant
         upcast = cast(Callable[..., tuple[torch.Tensor, torch.Tensor]],
                       module._upcast_and_reordered_attn)  # nn.Module.__getattr__ is untyped
@@ -88,46 +118,79 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         context, probs = _eager_attention(module)(module, query, key, value, attention_mask,
                                                   **kwargs)
     # context: [B, Sq, H, d]; probs: [B, H, Sq, Sk]
-    sink = _QK_SINK.get()
-    if sink is not None:  # capture_queries_keys(): this layer's projected queries and keys
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) \
-            or query.shape[-1] ** -0.5
-        sink.append((query.detach(), key.detach(), float(scaling)))
-    context, probs = _masked(context, probs)
-    layer_sink = _LAYER_SINK.get()
+    if keep is not None:
+        context = context * keep.to(context)[None, None, :, None]  # [B, Sq, H, d]
+        probs = probs * keep.to(probs)[None, :, None, None]  # [B, H, Sq, Sk]
     if layer_sink is not None:
-        layer_sink(probs)
+        layer_sink.take(0, probs)
     return context, probs
 
 
-def _masked(context: torch.Tensor,
-            probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current layer's heads scaled by the active head mask (unchanged without one)."""
+def _scaling(module: nn.Module, query: torch.Tensor, kwargs: dict) -> float:
+    """The factor q·k is scaled by: the call's ``scaling``, the module's, or 1/sqrt(d)."""
+    for value in (kwargs.get("scaling"), getattr(module, "scaling", None)):
+        if value is not None:
+            return float(value)
+    return query.shape[-1] ** -0.5
+
+
+def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      sink: AttentionSink, keep: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
+    """The eager attention of the AttentionInterface families, ``sink.block_rows`` query
+    rows at a time; returns the context [B, Sq, H, d].
+
+    Per block: softmax(q k^T · scaling [→ softcap · tanh(· / softcap)] + mask) in float32,
+    cast to the values' dtype, head factors ``keep`` [H] applied, handed to ``sink``, then
+    multiplied with the values. Grouped-query attention repeats each key/value head for the
+    query heads that share it (as ``repeat_kv``). The products are those of the eager
+    function on fewer rows, so the probabilities equal it up to the rounding of the matmul
+    kernels (shape-dependent), not bit for bit. Raises NotImplementedError for variants it
+    does not implement (attention sinks; GPT-2's reorder_and_upcast_attn; dropout in
+    training).
+    """
+    unsupported = [name for name in _UNSUPPORTED_IN_BLOCKS if kwargs.get(name) is not None]
+    if unsupported or getattr(module, "reorder_and_upcast_attn", False) or module.training:
+        raise NotImplementedError(
+            f"{type(module).__name__}: attention in query blocks does not implement "
+            f"{', '.join(unsupported) or 'this variant'}; raise --memory-budget so that a "
+            "whole layer's attention fits, or shorten --max-length")
+    size, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    if groups > 1:  # grouped-query attention: key/value head h serves query heads h·g ..
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scaling, softcap = _scaling(module, query, kwargs), kwargs.get("softcap")
+    keys = key.shape[2]
+    context = query.new_empty((size, heads, length, value.shape[-1]))
+    for start in range(0, length, sink.block_rows or length):
+        stop = min(start + (sink.block_rows or length), length)
+        scores = torch.matmul(query[:, :, start:stop], key.transpose(2, 3)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, start:stop, :keys]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        del scores
+        if keep is not None:
+            probs = probs * keep.to(probs)[None, :, None, None]
+        context[:, :, start:stop] = torch.matmul(probs, value)
+        sink.take(start, probs)  # after its use here: the sink may change it in place
+    return context.transpose(1, 2).contiguous()
+
+
+def _next_layer_keep() -> torch.Tensor | None:
+    """The head factors [H] of the layer this attention call runs (None: keep every head),
+    counting the call against the active mask."""
     state = _ACTIVE.get()
     if state is None or state.calls is None:  # not inside a masked forward pass
-        return context, probs
+        return None
     layer = state.calls
     state.calls += 1
     if layer >= len(state.keep):
         raise RuntimeError(f"attention ran {layer + 1} times for a mask of {len(state.keep)} "
                            "layers; head masking supports encoder self-attention only")
-    keep = state.keep[layer]  # [H] or None
-    if keep is None:
-        return context, probs
-    context = context * keep.to(context)[None, None, :, None]  # [B, Sq, H, d]
-    probs = probs * keep.to(probs)[None, :, None, None]  # [B, H, Sq, Sk]
-    return context, probs
-
-
-@contextmanager
-def layer_sink(sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, each attention call passes its layer's probabilities [B, H, Sq, Sk]
-    (after head masking) to ``sink``, in layer order, while the forward pass runs."""
-    token = _LAYER_SINK.set(sink)
-    try:
-        yield
-    finally:
-        _LAYER_SINK.reset(token)
+    return state.keep[layer]
 
 
 def _start_forward(module: nn.Module, args: tuple) -> None:
@@ -144,6 +207,17 @@ def _end_forward(module: nn.Module, args: tuple, output: object) -> None:
     if calls != len(state.keep):
         raise RuntimeError(f"attention ran {calls} times in a forward pass of a "
                            f"{len(state.keep)}-layer model; the head mask was not applied fully")
+
+
+@contextmanager
+def layer_sink(sink: AttentionSink) -> Iterator[None]:
+    """Within the block, each attention call hands its layer's probabilities to ``sink``
+    (see :class:`AttentionSink`), in layer order, while the forward pass runs."""
+    token = _LAYER_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _LAYER_SINK.reset(token)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXTS
-from tolerances import EPS32
+from tolerances import ATTENTION_ATOL, EPS32, STAT_ATOL
 
 from pipelines.backends.batching import Batch, collate
 from pipelines.backends.torch.backend import TorchBackend
@@ -55,7 +55,7 @@ def batch_of(backend: TorchBackend, max_length: int | None = None) -> Batch:
 def streamed(backend: TorchBackend, batch: Batch, spec: ReductionSpec) -> LayerReduction:
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
     reduction = LayerReduction(spec, flags)
-    backend.layers(batch, reduction.add_layer)
+    backend.layers(batch, reduction.add_rows)
     return reduction
 
 
@@ -135,3 +135,73 @@ def test_interleave_lays_out_runs_by_batch_layer_head() -> None:
     laid_out = [labels[i] for i in order]
     assert sorted(order.tolist()) == list(range(len(labels)))
     assert laid_out == sorted(labels)
+
+
+# ------------------------------------------------------------- attention in query blocks
+
+@pytest.mark.parametrize("block_rows", [1, 7, 13])
+def test_blocked_attention_equals_the_eager_attention(backend: TorchBackend,
+                                                      block_rows: int) -> None:
+    """The blocked attention runs the eager maths on fewer query rows: the matmuls round
+    in a shape-dependent order, so the weights agree within ATTENTION_ATOL (the bound for
+    one window under other batch shapes, tests/tolerances.py), not bit for bit."""
+    batch = batch_of(backend)
+    want = backend.attentions(batch)
+    blocks: dict[int, list[torch.Tensor]] = {}
+    starts: dict[int, list[int]] = {}
+
+    def take(layer: int, start: int, probs: torch.Tensor) -> None:
+        assert probs.shape[-2] <= block_rows
+        blocks.setdefault(layer, []).append(probs.clone())
+        starts.setdefault(layer, []).append(start)
+
+    backend.layers(batch, take, block_rows)
+    length = batch.input_ids.shape[1]
+    assert sorted(blocks) == list(range(backend.info.num_layers))
+    for layer, parts in blocks.items():
+        assert starts[layer] == list(range(0, length, block_rows))
+        got = torch.cat(parts, dim=-2)
+        torch.testing.assert_close(got, want[layer], rtol=0, atol=ATTENTION_ATOL)
+        padded_keys = ~batch.valid[:, None, None, :].expand_as(got)
+        assert (got[padded_keys] == 0).all(), "padded keys must hold exact zeros"
+
+
+def test_blocked_attention_reduces_like_whole_layers(backend: TorchBackend) -> None:
+    """Statistics from attention computed 5 rows at a time equal those of whole layers
+    within STAT_ATOL (the weights' own difference, ATTENTION_ATOL, carried through sums of
+    weights that add to 1); kept top-k keys are the same wherever the k-th and (k+1)-th
+    weights of a row are further apart than the weights' own difference."""
+    batch = batch_of(backend)
+    spec = spec_of(backend, AttentionMode("topk", k=3), None)
+    flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
+    whole, blocked = LayerReduction(spec, flags), LayerReduction(spec, flags)
+    backend.layers(batch, whole.add_rows)
+    backend.layers(batch, blocked.add_rows, 5)
+    want, got = whole.statistics(), blocked.statistics()
+    for name, expected in want.items():
+        scale = batch.valid.sum(-1).max().item() if name in ("mean_distance", "k90") else 1
+        torch.testing.assert_close(got[name], expected, rtol=0, atol=STAT_ATOL * scale,
+                                   equal_nan=True, msg=name)
+    kept_want, kept_got = whole.kept(), blocked.kept()
+    assert kept_want is not None and kept_got is not None
+    want_rows, got_rows = kept_by_row(kept_want), kept_by_row(kept_got)
+    attn = backend.attentions(batch)
+    for row in want_rows.keys() | got_rows.keys():
+        expected, actual = want_rows.get(row, {}), got_rows.get(row, {})
+        if expected.keys() == actual.keys():
+            for key, weight in expected.items():
+                assert abs(actual[key] - weight) <= ATTENTION_ATOL, (row, key)
+        else:  # rounding may only swap keys whose weights are as close as its error
+            b, layer, head, query = row
+            weights = attn[layer, b, head, query].sort(descending=True).values
+            assert float(weights[2] - weights[3]) <= 2 * ATTENTION_ATOL, row
+
+
+def kept_by_row(kept: dict[str, np.ndarray]) -> dict[tuple, dict[int, float]]:
+    """(batch row, layer, head, query) → {key: weight} of the kept weights."""
+    out: dict[tuple, dict[int, float]] = {}
+    columns = ("batch_index", "layer", "head", "query", "key", "weight")
+    for b, layer, head, query, key, weight in zip(*(kept[c].tolist() for c in columns),
+                                                  strict=True):
+        out.setdefault((b, layer, head, query), {})[key] = weight
+    return out
