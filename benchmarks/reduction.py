@@ -1,0 +1,139 @@
+"""The reduction alone: streaming (layer by layer) against stacked, eager against compiled.
+
+One run, one corpus (the demo paragraphs), one preloaded model. Every layer's probabilities
+of every batch are formed once and kept, so each variant reduces exactly the same tensors,
+and the variants run interleaved, best of ``--repeats``. It prints, and never asserts:
+
+(a) the bare forward pass that forms the probabilities (``backend.layers`` with a sink that
+    does nothing), for scale;
+(b) stacked reduction (``head_statistics`` + ``kept_weights`` on [L, B, H, S, S]) over
+    streaming (``LayerReduction``, one layer at a time): > 1 means streaming is faster;
+(c) eager streaming over streaming with the per-row terms under ``torch.compile``
+    (``dynamic=True``; compile time reported apart): > 1 means compiling pays. headscope keeps
+    the eager code unless this shows a gain.
+
+``python benchmarks/reduction.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from smoke import parse_args_with_smoke
+
+from pipelines.backends import create_backend
+from pipelines.backends.batching import Batch, collate, plan_batches
+from pipelines.compute import streaming
+from pipelines.compute.kept import kept_weights
+from pipelines.compute.stats import KeyFlags, head_statistics, row_order
+from pipelines.compute.streaming import LayerReduction, ReductionSpec
+from pipelines.config import AttentionMode, WindowConfig
+from pipelines.jobs.demo import paragraphs
+from pipelines.text.tokenize import Document, Windower
+
+SMOKE = {"docs": 6, "repeats": 1, "compile": False}
+
+
+def batches_of(backend, docs: int, batch_tokens: int) -> list[Batch]:
+    windower = Windower(backend.tokenizer, backend.info, WindowConfig())
+    windows = [w for i, p in enumerate(paragraphs()[:docs])
+               for w in windower.windows(Document(f"p{i}", p["text"]))]
+    lengths = [w.n_tokens for w in windows]
+    return [collate([windows[i] for i in group], backend.info.pad_token_id)
+            for group in plan_batches(lengths, batch_tokens, backend.info.num_heads)]
+
+
+def layers_of(backend, batch: Batch) -> torch.Tensor:
+    return backend.attentions(batch)  # [L, B, H, S, S], every layer kept for the comparison
+
+
+def flags_of(batch: Batch) -> KeyFlags:
+    return KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
+
+
+def spec_of(info, mode: AttentionMode) -> ReductionSpec:
+    return ReductionSpec(info.num_layers, info.causal, 2, info.sep_token_id is not None, mode)
+
+
+def streamed(info, mode: AttentionMode, batch: Batch, attn: torch.Tensor) -> None:
+    reduction = LayerReduction(spec_of(info, mode), flags_of(batch))
+    for layer in range(attn.shape[0]):
+        reduction.add_layer(layer, attn[layer])
+    reduction.statistics()
+    reduction.kept()
+
+
+def stacked(info, mode: AttentionMode, batch: Batch, attn: torch.Tensor) -> None:
+    order = row_order(attn, mode.k if mode.kind == "topk" else None)
+    head_statistics(attn, flags_of(batch), info.causal, 2, info.sep_token_id is not None,
+                    order)
+    kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
+
+
+def best(runs: int, work: Callable[[], None]) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--docs", type=int, default=120, help="demo paragraphs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure torch.compile of the per-row terms")
+    args = parse_args_with_smoke(parser, argv, SMOKE)
+    backend = create_backend("torch", args.model, args.device)
+    info = backend.info
+    batches = batches_of(backend, args.docs, args.batch_tokens)
+    tensors = [layers_of(backend, b.to(backend.device)) for b in batches]
+    tokens = sum(int(b.valid.sum()) for b in batches)
+    cells = sum(t.numel() for t in tensors)
+    print(f"model {info.name} on {args.device}: {len(batches)} batches, {tokens:,} tokens, "
+          f"{cells / 1e6:,.0f} M attention cells, best of {args.repeats}")
+
+    def forward() -> None:
+        for batch in batches:
+            backend.layers(batch, lambda layer, start, probs: None)
+
+    seconds = {"forward": best(args.repeats, forward)}
+    for mode in (AttentionMode("none"), AttentionMode("topk", k=8)):
+        def run(reduce: Callable, mode: AttentionMode = mode) -> Callable[[], None]:
+            return lambda: [reduce(info, mode, b.to(backend.device), t)
+                            for b, t in zip(batches, tensors, strict=True)]
+        seconds[f"stacked {mode}"] = best(args.repeats, run(stacked))
+        seconds[f"streaming {mode}"] = best(args.repeats, run(streamed))
+        if args.compile:
+            eager_terms = streaming.row_terms
+            streaming.row_terms = torch.compile(eager_terms, dynamic=True)
+            try:
+                start = time.perf_counter()
+                run(streamed)()  # compiles
+                seconds[f"compile {mode} (first run)"] = time.perf_counter() - start
+                seconds[f"compiled {mode}"] = best(args.repeats, run(streamed))
+            finally:
+                streaming.row_terms = eager_terms
+    for name, value in seconds.items():
+        print(f"  {name:<34} {value:7.3f} s")
+    for mode in ("none", "topk:8"):
+        print(f"(b) {mode:>6}: stacked / streaming reduction = "
+              f"{seconds[f'stacked {mode}'] / seconds[f'streaming {mode}']:.2f}x; "
+              f"streaming reduction / forward = "
+              f"{seconds[f'streaming {mode}'] / seconds['forward']:.2f}")
+        if args.compile:
+            print(f"(c) {mode:>6}: eager / compiled streaming reduction = "
+                  f"{seconds[f'streaming {mode}'] / seconds[f'compiled {mode}']:.2f}x "
+                  f"(compiling took {seconds[f'compile {mode} (first run)']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
