@@ -13,15 +13,17 @@
 # benchmark times a random BERT of MiniLM's shape), Ray and the service's (not imported).
 # With $OUT set (the lent GPU machine), the whole log is also written to $OUT/gpu_check.log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # 8 minutes, less a margin for the last step's kill
 START=$(date +%s)
 DRY_RUN=0
 [[ ${1:-} == --dry-run ]] && DRY_RUN=1
 
-if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
-  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+if [[ -n ${OUT:-} && -d ${OUT:-} && -z ${GPU_CHECK_LOGGING:-} ]]; then
+  GPU_CHECK_LOGGING=1 bash "$SELF" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+  exit "${PIPESTATUS[0]}"
 fi
 
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -18,11 +18,14 @@ How close each comparison must be, and why:
   the scans' error of the boundary (``k90_near_ties``), each such sum moving the mean by 1/n.
   Kept weights are the same values picked by the same rules: identical.
 - **A CUDA job vs the CPU job**: other kernels (cuBLAS vs CPU BLAS, other exp/tanh/erf
-  rounding by an ulp or two; no TF32, torch's default) change only the order and last-ulp
-  rounding of each operation, as another batch shape does on the CPU: the situation
-  ``ATTENTION_ATOL`` and ``STAT_ATOL`` are derived for (a few eps32 relative per layer,
-  compounding), compared by ``compare_tables`` (mean_distance per token, a k90 flip allowed).
-  The twin: the CPU job against a CPU job with other batch shapes.
+  rounding by an ulp or two; no TF32, torch's default) change the order and last-ulp rounding
+  of every operation, as another batch shape does on the CPU (the reasoning of
+  ``ATTENTION_ATOL`` and ``STAT_ATOL``: a few eps32 relative per layer, compounding), but in
+  every operation at once, so the size is measured against the exact result instead: each
+  float32 run lies within its own rounding error of it, and two runs within twice that
+  (``CROSS_DEVICE_WEIGHT_ATOL``; statistics within ``STAT_ATOL``), compared by
+  ``compare_tables`` (mean_distance per token, a k90 flip allowed). The twin: the CPU job
+  against a CPU job with other batch shapes, within ``ATTENTION_ATOL`` and ``STAT_ATOL``.
 - **float16 / bfloat16 against float32** on the same device: ``half_bounds``.
 """
 
@@ -41,7 +44,7 @@ import pytest
 import torch
 from compare_tables import assert_attention_equal, assert_head_stats_equal
 from conftest import SAMPLE_TEXTS, needs_minilm
-from tolerances import EPS32, STAT_ATOL, STREAM_RTOL
+from tolerances import ATTENTION_ATOL, EPS32, STAT_ATOL, STREAM_RTOL
 
 from pipelines.backends.base import DTYPES, QueryKey
 from pipelines.backends.batching import Batch, collate
@@ -65,6 +68,13 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])
 MODELS = ["gpt2", pytest.param("minilm", marks=needs_minilm)]
 MODES = [AttentionMode("none"), AttentionMode("topk", k=3),
          AttentionMode("threshold", threshold=0.1), AttentionMode("full")]
+#: Kept weights of a CUDA job against the CPU job's. A float32 run's weights lie within its
+#: rounding error of the exact ones: seen <= 9.9e-6 against a float64 run of the same model on
+#: the CPU (MiniLM; 6.3e-6 for the GPT-2 test model; the batch of ``mixed_batch``), and CUDA's
+#: float32 kernels round as finely, so two runs lie within 2e-5 of each other: 4e-5 leaves a
+#: 2x margin. Their statistics were within 1.1e-6 of float64's (same runs), so 2.2e-6 apart:
+#: STAT_ATOL (1e-5) leaves 4.5x.
+CROSS_DEVICE_WEIGHT_ATOL = 4e-5
 #: Statistics measured in tokens, compared per token of the window (``compare_tables``).
 IN_TOKENS = ("mean_distance",)
 
@@ -251,9 +261,9 @@ def run(backend: TorchBackend, corpus: Path, out: Path, config: RunConfig) -> Jo
 @pytest.mark.parametrize("model", MODELS)
 def test_a_cuda_job_gives_the_cpu_jobs_statistics(backends: Loader, model: str, device: str,
                                                   tmp_path: Path) -> None:
-    """head_stats (and kept weights) of a job on CUDA against the same job on the CPU, within
-    STAT_ATOL (module docstring). The CPU twin: a CPU job with other batch shapes (one window
-    per batch), the case the tolerance was derived for."""
+    """head_stats and kept weights of a job on CUDA against the same job on the CPU (module
+    docstring). The CPU twin: a CPU job with other batch shapes (one window per batch), the
+    case ATTENTION_ATOL and STAT_ATOL were derived for."""
     assert torch.get_float32_matmul_precision() == "highest"  # no TF32: the bound needs it
     corpus = write_corpus(tmp_path)
     config = RunConfig(attention=AttentionMode("topk", k=8),
@@ -263,7 +273,8 @@ def test_a_cuda_job_gives_the_cpu_jobs_statistics(backends: Loader, model: str, 
     got = run(backends(model, device), corpus, tmp_path / f"on-{device}", other)
     assert got.manifest["runtime"]["device"].startswith(device)
     assert_head_stats_equal(got.head_stats, want.head_stats, atol=STAT_ATOL)
-    assert_attention_equal(got.attention, want.attention, atol=STAT_ATOL)
+    assert_attention_equal(got.attention, want.attention,
+                           atol=ATTENTION_ATOL if device == "cpu" else CROSS_DEVICE_WEIGHT_ATOL)
 
 
 # ------------------------------------------------------------- float16 / bfloat16 vs float32
