@@ -10,6 +10,8 @@ Imported as a plain module, like ``compare_tables`` (pytest puts tests/ on sys.p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EPS64 = float(np.finfo(np.float64).eps)  # 2.2e-16
@@ -43,3 +45,11 @@ FLOAT16_ATOL = 1e-3
 #: intra-op thread count (Ray workers set their own), which may split a reduction differently:
 #: a few eps32 of values ≲ 10 (mean_distance in tokens, MDS coordinates), so 1e-6, not bitwise.
 ENGINE_ATOL = 1e-6
+
+#: The streaming reduction (``pipelines.compute.streaming``) against the stacked path on the
+#: same probabilities on the CPU: row terms from the same kernels, but each block's float32
+#: row sum is added in float64 against the stacked path's pairwise float32 sum over the
+#: window, whose own error is at most about (log2(S) + 1) eps32 of the sum of its terms, and
+#: einsum terms may round a few ulps differently under another leading shape:
+#: (log2(512) + 2) eps32 ≈ 1.3e-6 of max(1, |value|).
+STREAM_RTOL = (math.log2(512) + 2) * EPS32

@@ -1,15 +1,16 @@
 """The streaming reduction: statistics and kept weights taken layer by layer, block by block.
 
-A backend hands each layer's attention probabilities to :meth:`LayerReduction.add_layer` as
+A backend hands each layer's attention probabilities to :meth:`LayerReduction.add_rows` as
 the forward pass forms them; the layer is cut into blocks of query rows, every statistic's
 per-row terms (``stats.row_terms``) and the kept weights of a block are taken, and the block
 is dropped. Only the [L, B, H] row sums and the kept rows outlive a layer, so no tensor of
 size L x B x H x S x S is ever built. ``stats.head_statistics`` and ``kept.kept_weights`` on
-stacked maps are the explicit path computing the same terms at once. With one block per layer
-the two agree bit for bit; with smaller blocks each block's float32 row sum is added in
-float64, so they differ by the stacked path's own float32 summation error (pairwise:
-at most about log2(S) ulps of the mean) and the few ulps by which a block's einsum may round
-its row terms differently.
+stacked maps are the explicit path computing the same terms at once. They keep identical
+weights. With one block per layer the row-wise terms (entropy, diagonals, order statistics)
+agree bit for bit; the einsum terms round differently with the block's shape, and with
+smaller blocks each block's float32 row sum is added in float64, so those differ by the
+stacked path's own float32 summation error (pairwise: about log2(S) ulps of the mean) and a
+few ulps of each term.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class LayerReduction:
     """The statistics and kept weights of one padded batch, fed one layer at a time.
 
     ``flags`` describe the batch's windows ([B, S], on the attention's device). Call
-    :meth:`add_layer` for layers 0 .. L - 1 in order, then :meth:`statistics` and
-    :meth:`kept`.
+    :meth:`add_rows` (or :meth:`add_layer`) for layers 0 .. L - 1 in order, then
+    :meth:`statistics` and :meth:`kept`.
     """
 
     spec: ReductionSpec

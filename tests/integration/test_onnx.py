@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from compare_tables import assert_same_tables
-from conftest import CLI, SAMPLE_TEXTS
+from conftest import CLI, SAMPLE_TEXTS, needs_minilm
 
 from pipelines import models
 from pipelines.analysis.batch import model_tables, sort_tables
@@ -269,8 +269,19 @@ def test_cuda_without_a_cuda_provider_is_a_clear_error(minilm_onnx_dir: Path) ->
         OnnxBackend(str(minilm_onnx_dir), device="cuda")
 
 
+def onnxruntime_has_cuda() -> bool:
+    """Whether the installed ONNX Runtime has a CUDA provider (onnxruntime-gpu)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and onnxruntime-gpu")
+@needs_minilm
+@pytest.mark.skipif(not torch.cuda.is_available() or not onnxruntime_has_cuda(),
+                    reason="needs CUDA and onnxruntime-gpu (its CUDAExecutionProvider)")
 def test_cuda_provider_with_io_binding_matches_cpu(minilm_onnx_dir: Path,
                                                    minilm_onnx: OnnxBackend) -> None:
     gpu = OnnxBackend(str(minilm_onnx_dir), device="cuda")

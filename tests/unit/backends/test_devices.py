@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXTS
+from conftest import SAMPLE_TEXTS, needs_minilm
 
 from pipelines.analysis.batch import analyse_windows
 from pipelines.backends.base import resolve_device
@@ -59,6 +59,7 @@ def test_cpu_statistics_are_float32_and_finite(minilm: TorchBackend) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+@needs_minilm
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cuda_statistics_match_cpu(minilm: TorchBackend, dtype: str) -> None:
     """On CUDA (fp32, or fp16 weights with float32 statistics) the numbers match the CPU's."""

@@ -14,13 +14,11 @@ Kept weights are chosen by row from the same values and the same sorted order: i
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXTS
-from tolerances import ATTENTION_ATOL, EPS32, STAT_ATOL
+from tolerances import ATTENTION_ATOL, STAT_ATOL, STREAM_RTOL
 
 from pipelines.backends.batching import Batch, collate
 from pipelines.backends.torch.backend import TorchBackend
@@ -30,8 +28,6 @@ from pipelines.compute.streaming import LayerReduction, ReductionSpec, interleav
 from pipelines.config import AttentionMode, WindowConfig
 from pipelines.text.tokenize import Document, Windower
 
-#: (log2(512) + 2) eps32 ≈ 1.3e-6 of max(1, |value|) (module docstring).
-STREAM_RTOL = (math.log2(512) + 2) * EPS32
 MODES = [AttentionMode("none"), AttentionMode("topk", k=3), AttentionMode("threshold",
                                                                           threshold=0.1),
          AttentionMode("full")]
