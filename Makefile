@@ -64,7 +64,7 @@ bench: setup
 
 # Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
 # (about 4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
-SMOKE_BENCHMARKS := corpus_throughput backends analyses engines factor_solver factors \
+SMOKE_BENCHMARKS := corpus_throughput reduction backends analyses engines factor_solver factors \
                     factors_demo serve_load integer_columns
 bench-smoke: setup
 	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \

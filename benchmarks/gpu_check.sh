@@ -140,6 +140,18 @@ for spec in "${RUNS[@]}"; do
   (( rc != 0 )) && echo "  (exit $rc$( (( rc == 124 )) && echo ": stopped after $seconds s"))"
 done
 
+seconds=$(cap 100)
+section "reduction: benchmarks/reduction.py --device $DEVICE (streaming vs stacked, torch.compile)"
+if (( seconds < 40 )); then
+  echo "  skipped: ${seconds} s left of the ${BUDGET_S} s budget"
+else
+  REDUCTION=(--docs 120 --repeats 3)
+  (( DRY_RUN )) && REDUCTION=(--smoke)
+  timeout -k 10 "$seconds" "$PY" benchmarks/reduction.py --device "$DEVICE" "${MODEL[@]}" \
+    "${REDUCTION[@]}" 2>&1 | grep -v "^Loading weights\|^Writing model\|FutureWarning\|check(" \
+    | tee "$LOGS/reduction.txt"
+fi
+
 section "summary"
 if (( TESTS_RC == 0 )); then
   echo "GPU tests: passed"
@@ -151,6 +163,7 @@ for log in "$LOGS"/*.log; do
   echo "-- $(basename "$log" .log) on $DEVICE:"
   grep "^  (a)" "$log" || echo "  (no summary: see above)"
 done
+[[ -e $LOGS/reduction.txt ]] && grep "^(b)\|^(c)" "$LOGS/reduction.txt"
 rm -rf "$LOGS"
 echo "gpu_check: total $(elapsed) s"
 (( TESTS_RC == 0 ))

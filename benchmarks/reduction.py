@@ -18,10 +18,13 @@ and the variants run interleaved, best of ``--repeats``. It prints, and never as
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
+from random_model import SHAPES
+from random_model import build as build_random_model
 from smoke import parse_args_with_smoke
 
 from pipelines.backends import create_backend
@@ -73,11 +76,19 @@ def stacked(info, mode: AttentionMode, batch: Batch, attn: torch.Tensor) -> None
     kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer reads finished work (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best(runs: int, work: Callable[[], None]) -> float:
     times = []
     for _ in range(runs):
+        synchronize()
         start = time.perf_counter()
         work()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -85,6 +96,8 @@ def best(runs: int, work: Callable[[], None]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--random-model", choices=sorted(SHAPES),
+                        help="time a random model of this shape instead (no weights needed)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--docs", type=int, default=120, help="demo paragraphs")
     parser.add_argument("--repeats", type=int, default=3)
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure torch.compile of the per-row terms")
     args = parse_args_with_smoke(parser, argv, SMOKE)
+    if args.random_model:
+        args.model = str(build_random_model(tempfile.mkdtemp(), args.random_model))
     backend = create_backend("torch", args.model, args.device)
     info = backend.info
     batches = batches_of(backend, args.docs, args.batch_tokens)
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     def forward() -> None:
         for batch in batches:
             backend.layers(batch, lambda layer, start, probs: None)
+        synchronize()
 
     seconds = {"forward": best(args.repeats, forward)}
     for mode in (AttentionMode("none"), AttentionMode("topk", k=8)):

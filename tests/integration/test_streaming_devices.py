@@ -367,3 +367,25 @@ def test_a_half_precision_job_runs(backends: Loader, device: str, dtype: str,
         if name != "mass_sep":  # null for GPT-2, which has no separator
             values = job.head_stats.column(name).to_numpy()
             assert np.isfinite(values).all(), name
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("model", MODELS)
+def test_blocked_attention_on_the_device_equals_the_eager_attention(
+        backends: Loader, model: str, device: str) -> None:
+    """Attention computed 5 query rows at a time (``hooks.blocked_attention``, the path of
+    windows too long for the memory budget) against the model's eager attention on the same
+    device: the matmuls run on other shapes, so within ATTENTION_ATOL (no TF32), with exact
+    zeros on padded keys. The CPU twin is tests/unit/compute/test_streaming.py's, here on the
+    module's mixed batch."""
+    backend = backends(model, device)
+    batch = mixed_batch(backend)
+    want = backend.attentions(batch)
+    parts: dict[int, list[torch.Tensor]] = {}
+    backend.layers(batch, lambda layer, start, probs: parts.setdefault(layer, []).append(
+        probs.clone()), 5)
+    for layer, blocks in parts.items():
+        got = torch.cat(blocks, dim=-2)
+        assert got.device.type == device
+        torch.testing.assert_close(got, want[layer], rtol=0, atol=ATTENTION_ATOL)
+        assert (got * ~batch.valid[:, None, None, :] == 0).all()
