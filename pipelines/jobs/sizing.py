@@ -1,0 +1,123 @@
+"""How much memory a corpus job's rows and batches take, estimated before it starts.
+
+The survey knows every window, so it can estimate the uncompressed bytes of the rows each
+document adds to its shard (:func:`row_bytes`); the shard plan closes a shard when they reach
+the shard's share of ``--memory-budget`` (:func:`shard_rule`). Before the first shard, a job
+logs the working memory it expects (:func:`expected_memory`) and refuses to start when even
+the longest window's attention cannot fit the batch's share (:func:`check_fits`). Every
+engine (local, Ray, ``run_windowed``) calls these, so they plan and refuse alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pipelines.analysis.registry import layers_held
+from pipelines.compute.budget import (
+    CELL_BYTES,
+    LIVE_ATTENTION_COPIES,
+    GiB,
+    MemoryBudget,
+    MiB,
+)
+from pipelines.compute.stats import DEFINITIONS
+from pipelines.config import ConfigError, RunConfig
+from pipelines.models import ModelInfo
+from pipelines.text.plan import RowBytes, ShardRule
+
+log = logging.getLogger(__name__)
+#: Uncompressed bytes of one attention row: window, layer, head, query and key (int32 each),
+#: weight (float32) and the doc_id dictionary index.
+ATTENTION_ROW_BYTES = 28
+#: Uncompressed bytes of one head_stats row: float32 statistics and int32 n_tokens (4 bytes
+#: per definition), window, layer, head (int32) and the doc_id dictionary index.
+HEAD_STATS_ROW_BYTES = 4 * len(DEFINITIONS) + 16
+#: About the bytes of one tokens row: its integer columns, flags and two short strings.
+TOKEN_ROW_BYTES = 64
+
+
+def qk_vector_bytes(info: ModelInfo) -> int:
+    """Uncompressed bytes of one token's query and key vectors over every layer and head
+    (``--capture-qk``)."""
+    return info.num_layers * info.num_heads * (2 * info.head_dim + 1) * 4
+
+
+def row_bytes(config: RunConfig, info: ModelInfo) -> RowBytes:
+    """What a window's rows add to its shard under ``config``: kept attention pairs (in
+    threshold mode as many as ``full`` keeps, an upper bound: the rows depend on the weights),
+    the ``words`` analysis' word pairs (no more than token pairs, so bounded the same way),
+    ``head_stats`` rows, tokens rows and query/key vectors when captured."""
+    mode, heads = config.attention, info.num_layers * info.num_heads
+    tables_with_pairs = 0 if mode.kind == "none" else 1 + ("words" in config.analyses)
+    token = TOKEN_ROW_BYTES + (qk_vector_bytes(info) if config.capture_qk else 0)
+    return RowBytes(pair=tables_with_pairs * heads * ATTENTION_ROW_BYTES, token=token,
+                    window=heads * HEAD_STATS_ROW_BYTES, causal=info.causal,
+                    top_k=mode.k if mode.kind == "topk" else None)
+
+
+def shard_rule(config: RunConfig, info: ModelInfo) -> ShardRule:
+    """Shards close at ``config.shard_tokens`` tokens or at the budget's share for the rows
+    of one shard (``MemoryBudget.shard_bytes``), whichever comes first."""
+    budget = MemoryBudget(config.memory_budget)
+    return ShardRule(config.shard_tokens, budget.shard_bytes, row_bytes(config, info))
+
+
+def attention_bytes(n: int, config: RunConfig, info: ModelInfo) -> int:
+    """Working bytes of one window of ``n`` tokens' attention in a batch: every head's n × n
+    float32 cells, ``LIVE_ATTENTION_COPIES`` times, for each layer held at once."""
+    held = layers_held(config.analyses, info.num_layers)
+    return info.num_heads * n * n * CELL_BYTES * LIVE_ATTENTION_COPIES * held
+
+
+def check_fits(longest: int, config: RunConfig, info: ModelInfo) -> None:
+    """A ConfigError when the attention of the longest window (``longest`` tokens) alone
+    exceeds the batch's share of the memory budget: no batch could hold it."""
+    budget = MemoryBudget(config.memory_budget)
+    needed = attention_bytes(longest, config, info)
+    if needed > budget.batch_bytes:
+        raise ConfigError(
+            f"a window of {longest} tokens needs ~{format_bytes(needed)} for its attention "
+            f"({info.num_heads} heads × {longest}² cells × {CELL_BYTES} bytes × "
+            f"{LIVE_ATTENTION_COPIES} copies × {layers_held(config.analyses, info.num_layers)} "
+            f"layer(s) at once), more than the {format_bytes(budget.batch_bytes)} a batch may "
+            f"use of the memory budget of {format_bytes(budget.total)}; raise --memory-budget "
+            "or lower --max-length")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The working memory a job expects beyond the model, by part, in bytes."""
+
+    budget: int
+    batch: int  # the largest batch in flight
+    shard: int  # the largest shard's rows (one is built while the one before is written)
+
+    @property
+    def total(self) -> int:
+        return self.batch + 2 * self.shard
+
+
+def expected_memory(longest: int, largest_shard_bytes: int, config: RunConfig,
+                    info: ModelInfo) -> MemoryEstimate:
+    """The expected peak: the largest batch (``batch_tokens`` padded to the longest window,
+    capped by the batch's share) and two of the largest shard's rows."""
+    budget = MemoryBudget(config.memory_budget)
+    windows_per_batch = max(1, config.batch_tokens // max(1, longest))
+    batch = min(budget.batch_bytes, windows_per_batch * attention_bytes(longest, config, info))
+    return MemoryEstimate(budget.total, batch, largest_shard_bytes)
+
+
+def log_memory(estimate: MemoryEstimate) -> None:
+    log.info("memory: ~%s working memory expected (budget %s) beyond the model: batch ~%s, "
+             "shard rows 2 × ~%s", format_bytes(estimate.total), format_bytes(estimate.budget),
+             format_bytes(estimate.batch), format_bytes(estimate.shard))
+
+
+def format_bytes(size: float) -> str:
+    """``1.3 GiB``, ``640 MiB`` or ``12 KiB``."""
+    if size >= GiB:
+        return f"{size / GiB:.1f} GiB"
+    if size >= MiB:
+        return f"{size / MiB:.0f} MiB"
+    return f"{size / 1024:.0f} KiB"
