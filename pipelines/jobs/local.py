@@ -267,7 +267,8 @@ def check_memory(found: Survey, config: RunConfig, info: ModelInfo) -> None:
     """Refuse a job whose longest window cannot fit the memory budget (ConfigError), else
     log the working memory it expects; before anything is written."""
     check_fits(found.longest, config, info)
-    log_memory(expected_memory(found.longest, found.largest_shard_bytes, config, info))
+    log_memory(expected_memory(found.longest, found.windows, found.shards,
+                               found.largest_shard_bytes, config, info))
 
 
 def warn_if_short_of_space(root: Path, needed: float) -> None:

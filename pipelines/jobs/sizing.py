@@ -76,13 +76,14 @@ def check_fits(longest: int, config: RunConfig, info: ModelInfo) -> None:
     budget = MemoryBudget(config.memory_budget)
     needed = attention_bytes(longest, config, info)
     if needed > budget.batch_bytes:
+        held = layers_held(config.analyses, info.num_layers)
         raise ConfigError(
             f"a window of {longest} tokens needs ~{format_bytes(needed)} for its attention "
             f"({info.num_heads} heads × {longest}² cells × {CELL_BYTES} bytes × "
-            f"{LIVE_ATTENTION_COPIES} copies × {layers_held(config.analyses, info.num_layers)} "
-            f"layer(s) at once), more than the {format_bytes(budget.batch_bytes)} a batch may "
-            f"use of the memory budget of {format_bytes(budget.total)}; raise --memory-budget "
-            "or lower --max-length")
+            f"{LIVE_ATTENTION_COPIES} copies × {held} layer{'s' if held > 1 else ''} at once), "
+            f"more than the {format_bytes(budget.batch_bytes)} a batch may use of the memory "
+            f"budget of {format_bytes(budget.total)}; raise --memory-budget or lower "
+            "--max-length")
 
 
 @dataclass(frozen=True)
@@ -91,27 +92,39 @@ class MemoryEstimate:
 
     budget: int
     batch: int  # the largest batch in flight
-    shard: int  # the largest shard's rows (one is built while the one before is written)
+    shard: int  # the largest shard's rows
+    shards_alive: int = 2  # one is built while the one before is written
 
     @property
     def total(self) -> int:
-        return self.batch + 2 * self.shard
+        return self.batch + self.shards_alive * self.shard
 
 
-def expected_memory(longest: int, largest_shard_bytes: int, config: RunConfig,
-                    info: ModelInfo) -> MemoryEstimate:
-    """The expected peak: the largest batch (``batch_tokens`` padded to the longest window,
-    capped by the batch's share) and two of the largest shard's rows."""
+def expected_memory(longest: int, windows: int, shards: int, largest_shard_bytes: int,
+                    config: RunConfig, info: ModelInfo) -> MemoryEstimate:
+    """The expected peak: the largest batch (``batch_tokens`` of windows as long as the
+    longest, no more than the corpus's ``windows``, capped by the batch's share) and the
+    largest shard's rows twice (once when the job has a single shard)."""
     budget = MemoryBudget(config.memory_budget)
-    windows_per_batch = max(1, config.batch_tokens // max(1, longest))
-    batch = min(budget.batch_bytes, windows_per_batch * attention_bytes(longest, config, info))
-    return MemoryEstimate(budget.total, batch, largest_shard_bytes)
+    per_batch = min(windows, max(1, config.batch_tokens // max(1, longest)))
+    batch = min(budget.batch_bytes, per_batch * attention_bytes(longest, config, info))
+    return MemoryEstimate(budget.total, batch, largest_shard_bytes, min(2, shards))
 
 
 def log_memory(estimate: MemoryEstimate) -> None:
-    log.info("memory: ~%s working memory expected (budget %s) beyond the model: batch ~%s, "
-             "shard rows 2 × ~%s", format_bytes(estimate.total), format_bytes(estimate.budget),
-             format_bytes(estimate.batch), format_bytes(estimate.shard))
+    """Log the expected working memory; a warning when it exceeds the budget (a document
+    whose rows alone are more than a shard's share)."""
+    parts = (f"~{format_bytes(estimate.total)} working memory expected (budget "
+             f"{format_bytes(estimate.budget)}) beyond the model: batch "
+             f"~{format_bytes(estimate.batch)}, shard rows {estimate.shards_alive} × "
+             f"~{format_bytes(estimate.shard)}")
+    if estimate.total <= estimate.budget:
+        log.info("memory: %s", parts)
+        return
+    share = MemoryBudget(estimate.budget).shard_bytes
+    log.warning("memory: %s; more than the budget: one document's rows are more than a "
+                "shard's share (%s). Split long documents, or keep fewer weights (--attention)",
+                parts, format_bytes(share))
 
 
 def format_bytes(size: float) -> str:
