@@ -27,7 +27,8 @@ from pipelines.dataset.manifest import (
     statistics_entry,
 )
 from pipelines.dataset.writer import DatasetWriter
-from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
+from pipelines.jobs.memory import keep_freed_memory
+from pipelines.jobs.shard_writer import ShardWriterThread
 from pipelines.jobs.sizing import (
     ATTENTION_ROW_BYTES,
     HEAD_STATS_ROW_BYTES,
@@ -344,14 +345,17 @@ def _unfinished(job: Prepared, columns: Columns, windower: Windower,
 
 def write_shards(backend: Backend, shards: Iterable[Shard], config: RunConfig, job: Prepared,
                  bar: tqdm) -> None:
-    """Analyse each shard, write its parts and marker, and move the progress bar."""
-    for shard in shards:
-        tables = shard_tables(backend, shard, config, on_batch=lambda done: bar.update(
-            sum(w.n_tokens for w in done)))
+    """Analyse each shard and hand its tables to a writer thread, which writes them while
+    the next shard computes; returns once every shard is written. An error of the writer
+    (a full disk) is raised here, at the next hand-over or at the end."""
+    def written(shard: Shard, tables: dict[str, pa.Table]) -> None:
         job.writer.write_shard(shard.index, tables)  # already in sort order
-        del tables
-        release_freed_memory()
         bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
+
+    with ShardWriterThread(written) as writes:
+        for shard in shards:
+            writes.put(shard, shard_tables(backend, shard, config, on_batch=lambda done:
+                                           bar.update(sum(w.n_tokens for w in done))))
 
 
 def run_windowed(windowed: Sequence[tuple[Document, list[Window]]], out: str | Path,
