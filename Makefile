@@ -61,11 +61,13 @@ bench: setup
 	$(BIN)/python benchmarks/factors_demo.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/integer_columns.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/reduction.py
 
 # Every benchmark's --smoke mode: the same code on tiny inputs, a check that each still runs
 # (about 4 min in all on 2 cores). Stops at the first failure; each run is time-bounded.
 SMOKE_BENCHMARKS := corpus_throughput reduction backends analyses engines factor_solver factors \
-                    factors_demo serve_load integer_columns
+                    factors_demo serve_load integer_columns memory
 bench-smoke: setup
 	@set -e; total=$$(date +%s); for name in $(SMOKE_BENCHMARKS); do \
 	  echo "== benchmarks/$$name.py --smoke"; start=$$(date +%s); \

@@ -51,6 +51,7 @@ from pipelines.compute.reference import all_heads
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.jobs.demo import paragraphs
 from pipelines.jobs.local import run_job
+from pipelines.jobs.sizing import shard_rule
 from pipelines.text.plan import fill_shards
 from pipelines.text.tokenize import Document, Window, Windower
 
@@ -232,7 +233,8 @@ def batch_shapes(batches: list[Batch]) -> Counter:
 def shard_groups(corpus: Corpus, windower: Windower, config: RunConfig) -> list[list[Window]]:
     """The windows of each shard, grouped as the job groups documents."""
     docs = (Document(r["id"], r["text"]) for r in corpus.rows)
-    return [shard.windows for shard in fill_shards(docs, windower, config.shard_tokens)]
+    rule = shard_rule(config, windower.info)
+    return [shard.windows for shard in fill_shards(docs, windower, rule)]
 
 
 def planned_shapes(backend: Backend, corpus: Corpus, windower: Windower,

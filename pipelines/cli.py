@@ -80,7 +80,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--local-window", type=int, default=2,
                      help="half-width w for mass_window and mass_sparse (default 2)")
     run.add_argument("--shard-tokens", type=int, default=32768,
-                     help="tokens per output shard (default 32768)")
+                     help="tokens per output shard at most (default 32768); a shard also "
+                          "closes when its rows reach a quarter of --memory-budget")
+    run.add_argument("--memory-budget", default="2GiB", metavar="SIZE",
+                     help="working memory beyond the model, e.g. 4GiB or 512MiB: half for the "
+                          "batch in flight, half for rows waiting to be written (default 2GiB)")
     run.add_argument("--analyses", default="",
                      help="comma-separated extras: patterns (pattern class per head), words "
                           "(word-level attention), similarity (head-to-head JS distances), "
@@ -139,6 +143,16 @@ def _check_engine_options(args: argparse.Namespace) -> None:
         raise ConfigError("--workers, --worker-cpus and --worker-gpus cannot be negative")
 
 
+def _memory_budget(text: str) -> int:
+    """Bytes of ``--memory-budget``, checked (ConfigError naming the option)."""
+    from pipelines.compute.budget import MemoryBudget, parse_size
+
+    try:
+        return MemoryBudget(parse_size(text)).total
+    except ConfigError as exc:
+        raise ConfigError(f"--memory-budget: {exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipelines.analysis.registry import load_plugins, parse_analyses
     from pipelines.jobs.local import run_job
@@ -149,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.similarity_docs < 0:
         raise ConfigError("--similarity-docs must be 0 (all documents) or positive")
     _check_engine_options(args)
+    memory_budget = _memory_budget(args.memory_budget)
     if args.plugin and args.engine == "ray":
         raise ConfigError("--plugin: only with --engine local (Ray workers do not load plugins)")
     load_plugins(args.plugin)
@@ -162,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         analyses=parse_analyses(args.analyses), similarity_docs=args.similarity_docs,
         capture_qk=args.capture_qk, entropy_epsilon=parse_entropy_epsilon(args.entropy_epsilon),
         similarity_measure=args.similarity_measure, word_rows=args.word_rows,
+        memory_budget=memory_budget,
     )
     options = {"resume": args.resume, "overwrite": args.overwrite,
                "progress": not args.no_progress}

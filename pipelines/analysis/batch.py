@@ -25,7 +25,7 @@ from pipelines.analysis.registry import (
 )
 from pipelines.backends.base import Backend, Capability, QueryKey, require
 from pipelines.backends.batching import Batch, collate, plan_batches
-from pipelines.compute.budget import CELL_BYTES, LIVE_ATTENTION_COPIES, GiB, MemoryBudget
+from pipelines.compute.budget import CELL_BYTES, LIVE_ATTENTION_COPIES, MemoryBudget, format_bytes
 from pipelines.compute.stats import KeyFlags
 from pipelines.compute.streaming import LayerReduction, ReductionSpec, query_block_rows
 from pipelines.config import ConfigError, RunConfig
@@ -90,7 +90,8 @@ def reduction_spec(info: ModelInfo, config: RunConfig, batch_size: int,
     """How a batch of ``batch_size`` windows of ``length`` tokens is reduced: query blocks
     sized so their temporaries take at most a quarter of the budget's batch share."""
     budget = MemoryBudget(config.memory_budget)
-    block = query_block_rows(batch_size, info.num_heads, length, budget.reduction_bytes)
+    block = query_block_rows(batch_size, info.num_heads, length, budget.reduction_bytes,
+                             config.attention)
     return ReductionSpec(info.num_layers, info.causal, config.local_window,
                          info.sep_token_id is not None, config.attention,
                          config.entropy_epsilon, block)
@@ -169,7 +170,9 @@ def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
 
     capture = backend.capture_queries_keys() if config.capture_qk else nullcontext([])
     with capture as captured:
-        backend.layers(batch, take, attention_block_rows(backend, config, size, length))
+        backend.layers(batch, take, attention_block_rows(info, config, size, length,
+                                                         streams_layers(backend),
+                                                         backend.name))
     stats, kept = reduction.statistics(), reduction.kept()
     per_head = np.repeat(np.arange(size), info.num_layers * info.num_heads)
     owned = {  # every table with the batch row of each of its rows
@@ -189,28 +192,42 @@ def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
     return owned
 
 
-def attention_block_rows(backend: Backend, config: RunConfig, size: int,
-                         length: int) -> int | None:
+def attention_block_rows(info: ModelInfo, config: RunConfig, size: int, length: int,
+                         streams: bool = True, runtime: str = "torch") -> int | None:
     """Query rows per attention block for a batch of ``size`` windows of ``length`` tokens:
     None (whole layers, the model's own eager attention) when a layer's attention fits the
-    memory budget, else as many rows as fit. ConfigError when whole layers are needed (an
-    analysis reads whole layers, or the backend forms them itself) and do not fit."""
-    info = backend.info
+    memory budget's batch share, else as many rows as fit.
+
+    ``streams``: the backend hands layers over as it forms them and can compute them in
+    blocks (``Capability.LAYER_STREAMING``; ``runtime`` names it otherwise). ConfigError when
+    whole layers are needed (an analysis reads whole layers, or the backend forms them all
+    itself) and do not fit: the one rule every engine checks before a job starts.
+    """
+    held = layers_held(config.analyses, info.num_layers) if streams else info.num_layers
+    allowed = MemoryBudget(config.memory_budget).attention_cells(held)
     cells = size * info.num_heads * length * length
-    allowed = batch_attention_cells(backend, config)
     if cells <= allowed:
         return None
     whole_layers = [a.name for a in registry.selected(config.analyses)
                     if a.layerwise or a.needs_all_layers]
-    if whole_layers or Capability.LAYER_STREAMING not in backend.capabilities:
-        needs = ("the analyses " + ", ".join(whole_layers) if whole_layers
-                 else f"the {backend.name} backend")
+    if whole_layers or not streams:
+        reason = (f"the analyses {', '.join(whole_layers)} read whole layers" if whole_layers
+                  else f"the {runtime} backend forms whole layers itself")
+        live = MemoryBudget(config.memory_budget).live_batch_bytes
+        needed = cells * held * CELL_BYTES * LIVE_ATTENTION_COPIES
         raise ConfigError(
-            f"a {length}-token window needs {cells * CELL_BYTES * LIVE_ATTENTION_COPIES / GiB:.1f}"
-            f" GiB for one layer's attention, and {needs} need whole layers; the memory "
-            f"budget allows {allowed * CELL_BYTES * LIVE_ATTENTION_COPIES / GiB:.1f} GiB. Raise "
-            "--memory-budget or lower --max-length")
+            f"a window of {length} tokens needs {format_bytes(needed)} for its attention "
+            f"({info.num_heads} heads × {length}² "
+            f"cells × {CELL_BYTES} bytes × {LIVE_ATTENTION_COPIES} copies × {held} layer"
+            f"{'s' if held > 1 else ''} at once), and {reason}; the memory budget of "
+            f"{format_bytes(config.memory_budget)} allows {format_bytes(live * 3 // 4)} of "
+            "attention in a batch. Raise --memory-budget or lower --max-length")
     return max(1, allowed // (size * info.num_heads * length))
+
+
+def streams_layers(backend: Backend) -> bool:
+    """Whether ``backend`` hands layers over as it forms them (and in query blocks)."""
+    return Capability.LAYER_STREAMING in backend.capabilities
 
 
 def batch_attention_cells(backend: Backend, config: RunConfig) -> int:
@@ -218,8 +235,7 @@ def batch_attention_cells(backend: Backend, config: RunConfig) -> int:
     budget: the budget's batch share over the layers held at once (one when the backend
     streams layers and no chosen analysis needs them all)."""
     layers = backend.info.num_layers
-    held = layers_held(config.analyses, layers) \
-        if Capability.LAYER_STREAMING in backend.capabilities else layers
+    held = layers_held(config.analyses, layers) if streams_layers(backend) else layers
     return MemoryBudget(config.memory_budget).attention_cells(held)
 
 

@@ -22,6 +22,7 @@ from pipelines.analysis.registry import check_analyses, parse_analyses
 from pipelines.api.result import Result
 from pipelines.api.texts import SOURCE, Texts, documents, windowed
 from pipelines.backends import Backend, create_backend
+from pipelines.compute.budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, parse_size
 from pipelines.config import AttentionMode, ConfigError, OnnxOptions, RunConfig, WindowConfig
 from pipelines.jobs.local import memory_input, run_windowed
 from pipelines.text.tokenize import Windower
@@ -71,8 +72,10 @@ class Analyzer:
     def config(self, attention: str = "topk:8", analyses: Sequence[str] | str = (),
                max_length: int | None = None, stride: int = 64, truncate: bool = False,
                local_window: int = 2, batch_tokens: int = 8192, shard_tokens: int = 32768,
-               similarity_docs: int = 0, capture_qk: bool = False) -> RunConfig:
-        """The RunConfig ``headscope run`` builds from the same options (ConfigError)."""
+               similarity_docs: int = 0, capture_qk: bool = False,
+               memory_budget: int | str = DEFAULT_MEMORY_BUDGET) -> RunConfig:
+        """The RunConfig ``headscope run`` builds from the same options (ConfigError).
+        ``memory_budget``: bytes, or a size such as "4GiB" (``--memory-budget``)."""
         for name, value in (("batch_tokens", batch_tokens), ("shard_tokens", shard_tokens)):
             if value < 1:
                 raise ConfigError(f"{name} must be a positive integer")
@@ -87,13 +90,15 @@ class Analyzer:
                          batch_tokens=batch_tokens, local_window=local_window,
                          shard_tokens=shard_tokens, allow_download=key.allow_download,
                          onnx=key.onnx, analyses=chosen, similarity_docs=similarity_docs,
-                         capture_qk=capture_qk)
+                         capture_qk=capture_qk,
+                         memory_budget=MemoryBudget(parse_size(memory_budget)).total)
 
     def analyze(self, texts: Texts, *, attention: str = "topk:8",
                 analyses: Sequence[str] | str = (), max_length: int | None = None,
                 stride: int = 64, truncate: bool = False, local_window: int = 2,
                 batch_tokens: int = 8192, shard_tokens: int = 32768, similarity_docs: int = 0,
-                capture_qk: bool = False, progress: bool = True) -> Result:
+                capture_qk: bool = False, memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+                progress: bool = True) -> Result:
         """Every table ``headscope run`` writes for ``texts``, computed in this process.
 
         ``texts``: a string, a list of strings and ``(text, text_pair)`` tuples, or a
@@ -104,7 +109,8 @@ class Analyzer:
         nothing is computed then.
         """
         config = self.config(attention, analyses, max_length, stride, truncate, local_window,
-                             batch_tokens, shard_tokens, similarity_docs, capture_qk)
+                             batch_tokens, shard_tokens, similarity_docs, capture_qk,
+                             memory_budget)
         docs = documents(texts)
         windows = windowed(docs, Windower(self.backend.tokenizer, self.backend.info,
                                           config.windows))
@@ -172,7 +178,8 @@ def analyze(texts: Texts, model: str = "minilm", *, attention: str = "topk:8",
             analyses: Sequence[str] | str = (), max_length: int | None = None,
             stride: int = 64, truncate: bool = False, local_window: int = 2,
             batch_tokens: int = 8192, shard_tokens: int = 32768, similarity_docs: int = 0,
-            capture_qk: bool = False, progress: bool = True, backend: str = "auto",
+            capture_qk: bool = False, memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
+            progress: bool = True, backend: str = "auto",
             device: str = "auto", dtype: str = "float32", allow_download: bool = False,
             onnx_threads: int = 0, onnx_inter_threads: int = 0) -> Result:
     """:meth:`Analyzer.analyze` with the cached Analyzer of ``model`` and the device options
@@ -185,4 +192,4 @@ def analyze(texts: Texts, model: str = "minilm", *, attention: str = "topk:8",
                           stride=stride, truncate=truncate, local_window=local_window,
                           batch_tokens=batch_tokens, shard_tokens=shard_tokens,
                           similarity_docs=similarity_docs, capture_qk=capture_qk,
-                          progress=progress)
+                          memory_budget=memory_budget, progress=progress)

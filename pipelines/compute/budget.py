@@ -90,3 +90,12 @@ class MemoryBudget:
         copies."""
         return (self.live_batch_bytes - self.reduction_bytes) // (
             CELL_BYTES * LIVE_ATTENTION_COPIES * max(1, layers_held))
+
+
+def format_bytes(size: float) -> str:
+    """``1.3 GiB``, ``640 MiB`` or ``12 KiB``."""
+    if size >= GiB:
+        return f"{size / GiB:.1f} GiB"
+    if size >= MiB:
+        return f"{size / MiB:.0f} MiB"
+    return f"{size / 1024:.0f} KiB"

@@ -68,15 +68,14 @@ def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: At
         keep = (attn >= mode.threshold) & visible[None, :, None]
     else:
         keep = visible[None, :, None].expand_as(attn)
-    index = keep.permute(1, 0, 2, 3, 4).nonzero()  # [N, 5]: batch, layer, head, query, key
-    layer_first = index[:, [1, 0, 2, 3, 4]]
-    weights = attn[layer_first.unbind(-1)]
-    found = index.cpu().numpy()
+    batch_first = keep.permute(1, 0, 2, 3, 4)  # a view: (batch, layer, head, query, key)
+    found = batch_first.nonzero().to(torch.int32).cpu().numpy()  # [N, 5]
+    weights = attn.permute(1, 0, 2, 3, 4)[batch_first]  # the same row-major order
     return {  # rows in (batch, layer, head, query, key) order
         "batch_index": found[:, 0],
-        "layer": (found[:, 1] + first_layer).astype(np.int32),  # signed, as every integer
-        "head": found[:, 2].astype(np.int32),  # column is stored
-        "query": (found[:, 3] + start).astype(np.int32),
-        "key": found[:, 4].astype(np.int32),
+        "layer": found[:, 1] + np.int32(first_layer),  # int32: signed, as every integer
+        "head": found[:, 2].copy(),  # column is stored
+        "query": found[:, 3] + np.int32(start),
+        "key": found[:, 4].copy(),
         "weight": weights.cpu().numpy().astype(np.float16 if mode.kind == "full" else np.float32),
     }

@@ -30,15 +30,19 @@ from pipelines.compute.stats import (
 )
 from pipelines.config import AttentionMode
 
-#: Bytes of float32 temporaries the reduction keeps alive per attention cell of a block:
-#: the sort's scratch copy, the kept-weight masks and the row terms' products.
-BLOCK_TEMPORARY_BYTES = 16
+#: Bytes of temporaries the reduction keeps alive per attention cell of a block: the sort's
+#: scratch copy, the masks and the row terms' products; and where every cell may be kept
+#: (threshold, full), the kept cells' indices (int64 from nonzero, int32 copies) and weights.
+BLOCK_TEMPORARY_BYTES = {"none": 16, "topk": 16, "threshold": 80, "full": 80}
 
 
-def query_block_rows(batch: int, heads: int, length: int, budget_bytes: int) -> int:
+def query_block_rows(batch: int, heads: int, length: int, budget_bytes: int,
+                     mode: AttentionMode | None = None) -> int:
     """Query rows per block so that a block's temporaries (B x H x Q x S cells, each
-    ``BLOCK_TEMPORARY_BYTES``) stay within ``budget_bytes``; at least 1, at most S."""
-    per_row = batch * heads * length * BLOCK_TEMPORARY_BYTES
+    ``BLOCK_TEMPORARY_BYTES`` of the attention mode) stay within ``budget_bytes``; at least
+    1, at most S."""
+    per_cell = BLOCK_TEMPORARY_BYTES[mode.kind if mode is not None else "none"]
+    per_row = batch * heads * length * per_cell
     return max(1, min(length, budget_bytes // max(1, per_row)))
 
 

@@ -8,7 +8,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +16,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipelines.analysis import registry
-from pipelines.analysis.batch import analyse_windows, check_capture
+from pipelines.analysis.batch import analyse_windows, check_capture, streams_layers
 from pipelines.backends import Backend, create_backend
-from pipelines.compute.stats import DEFINITIONS
 from pipelines.config import AttentionMode, RunConfig
 from pipelines.dataset.manifest import (
     DATASET_FORMAT,
@@ -28,26 +27,32 @@ from pipelines.dataset.manifest import (
     statistics_entry,
 )
 from pipelines.dataset.writer import DatasetWriter
-from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
+from pipelines.jobs.memory import keep_freed_memory
+from pipelines.jobs.shard_writer import ShardWriterThread
+from pipelines.jobs.sizing import (
+    ATTENTION_ROW_BYTES,
+    HEAD_STATS_ROW_BYTES,
+    check_fits,
+    expected_memory,
+    log_memory,
+    qk_vector_bytes,
+    shard_rule,
+)
 from pipelines.models import ModelInfo
 from pipelines.text.inputs import Columns, InputSummary, expand, read_documents, validate
 from pipelines.text.plan import (
     PlanBuilder,
     ReadUnit,
     Shard,
+    ShardRule,
     document_windows,
+    kept_pairs,
     pack_shards,
     unit_shards,
 )
 from pipelines.text.tokenize import Document, Window, Windower
 
 log = logging.getLogger(__name__)
-#: Uncompressed bytes of one attention row: window, layer, head, query and key (int32 each),
-#: weight (float32) and the doc_id dictionary index.
-ATTENTION_ROW_BYTES = 28
-#: Uncompressed bytes of one head_stats row: float32 statistics and int32 n_tokens (4 bytes
-#: per definition), window, layer, head (int32) and the doc_id dictionary index.
-HEAD_STATS_ROW_BYTES = 4 * len(DEFINITIONS) + 16
 
 
 @dataclass
@@ -116,12 +121,16 @@ def build_manifest(backend: Backend, config: RunConfig, input_entry: dict) -> di
 
 @dataclass
 class Survey:
-    """Exact windows and tokens of a corpus, the output size they imply, and the shard plan."""
+    """Exact windows and tokens of a corpus, the output size they imply, and the shard plan
+    (``units``, made by ``rule``)."""
 
     windows: int
     tokens: int
     attention_rows: float  # NaN for threshold mode (depends on the weights)
     units: list[ReadUnit]
+    rule: ShardRule
+    longest: int = 0  # tokens of the longest window
+    largest_shard_bytes: int = 0  # estimated bytes of the largest shard's rows
 
     @property
     def attention_bytes(self) -> float:
@@ -141,44 +150,50 @@ class _Tally:
     windows: int = 0
     tokens: int = 0
     rows: float = 0.0
+    longest: int = 0
 
     def add(self, windows: list[Window]) -> int:
         """Count one document's windows; return its tokens."""
         doc_tokens = 0
         for window in windows:
             n = window.n_tokens
-            visible = n * (n + 1) / 2 if self.causal else n * n  # (query, key) pairs
-            self.rows += {"none": 0.0, "topk": min(visible, n * self.mode.k), "full": visible,
+            self.rows += {"none": 0.0, "topk": kept_pairs(n, self.causal, self.mode.k),
+                          "full": kept_pairs(n, self.causal),
                           "threshold": float("nan")}[self.mode.kind]
             doc_tokens += n
+            self.longest = max(self.longest, n)
         self.windows += len(windows)
         self.tokens += doc_tokens
         return doc_tokens
 
-    def survey(self, units: list[ReadUnit], info: ModelInfo) -> Survey:
+    def survey(self, units: list[ReadUnit], info: ModelInfo, rule: ShardRule,
+               largest_shard_bytes: int) -> Survey:
         return Survey(self.windows, self.tokens, self.rows * info.num_layers * info.num_heads,
-                      units)
+                      units, rule, self.longest, largest_shard_bytes)
 
 
 def survey(files: list[Path], columns: Columns, windower: Windower, config: RunConfig,
-           info: ModelInfo) -> Survey:
+           info: ModelInfo, rule: ShardRule | None = None) -> Survey:
     """Tokenise every document once before anything is written.
 
     A document that cannot be windowed stops the job here, naming its file and line; the
-    counts give an exact size estimate and a progress total, and fix the shard plan.
+    counts give an exact size estimate and a progress total, and fix the shard plan by
+    ``rule`` (default: the job's, :func:`pipelines.jobs.sizing.shard_rule`).
     """
+    rule = rule or shard_rule(config, info)
     tally = _Tally(config.attention, info.causal)
-    plan = PlanBuilder(config.shard_tokens)
+    plan = PlanBuilder(rule)
     for path in files:
         for doc in read_documents([path], columns):
-            plan.add_document(tally.add(document_windows(windower, doc)))
+            windows = document_windows(windower, doc)
+            plan.add_document(tally.add(windows), rule.document_bytes(windows))
         plan.end_file(path)
-    return tally.survey(plan.finish(), info)
+    return tally.survey(plan.finish(), info, rule, plan.largest_shard_bytes)
 
 
 def qk_bytes(found: Survey, info: ModelInfo) -> int:
     """Uncompressed bytes of the query/key vectors (``--capture-qk``)."""
-    return found.tokens * info.num_layers * info.num_heads * (2 * info.head_dim + 1) * 4
+    return found.tokens * qk_vector_bytes(info)
 
 
 def output_bytes(found: Survey, config: RunConfig, info: ModelInfo) -> float:
@@ -238,6 +253,7 @@ def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     found = survey(files, columns, windower, config, backend.info)
     _log_survey(found, summary, config, backend.info)
+    check_memory(found, config, backend)
     manifest = build_manifest(backend, config, files_input(summary, columns))
     finished = writer.open(manifest, resume=resume, overwrite=overwrite)
     if finished:
@@ -246,6 +262,14 @@ def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
     left = 1 - len(finished) / found.shards if found.shards else 0.0
     warn_if_short_of_space(writer.root, left * output_bytes(found, config, backend.info))
     return Prepared(files, summary, found, manifest, finished, writer)
+
+
+def check_memory(found: Survey, config: RunConfig, backend: Backend) -> None:
+    """Refuse a job whose longest window cannot fit the memory budget (ConfigError), else
+    log the working memory it expects; before anything is written."""
+    check_fits(found.longest, config, backend.info, streams_layers(backend), backend.name)
+    log_memory(expected_memory(found.longest, found.windows, found.shards,
+                               found.largest_shard_bytes, config, backend.info))
 
 
 def warn_if_short_of_space(root: Path, needed: float) -> None:
@@ -299,28 +323,39 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
     job.manifest["runtime"]["engine"] = "local"
     windower = Windower(backend.tokenizer, backend.info, config.windows)
     bar = progress_bar(job.found, progress)
-    for unit in job.found.units:
-        if job.finished.issuperset(unit.shard_indices):
-            bar.update(unit.tokens)
-            continue
-        for shard in unit_shards(unit, columns, windower, config.shard_tokens):
-            if shard.index in job.finished:
-                bar.update(shard.tokens)
-                continue
-            write_shard(backend, shard, config, job, bar)
+    write_shards(backend, _unfinished(job, columns, windower, bar), config, job, bar)
     bar.close()
     return finish(job, started)
 
 
-def write_shard(backend: Backend, shard: Shard, config: RunConfig, job: Prepared,
-                bar: tqdm) -> None:
-    """Analyse one shard, write its parts and marker, and move the progress bar."""
-    tables = shard_tables(backend, shard, config, on_batch=lambda done: bar.update(
-        sum(w.n_tokens for w in done)))
-    job.writer.write_shard(shard.index, tables)  # already in sort order
-    del tables
-    release_freed_memory()
-    bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
+def _unfinished(job: Prepared, columns: Columns, windower: Windower,
+                bar: tqdm) -> Iterator[Shard]:
+    """The shards of the plan left to write, read unit by unit; the bar moves past the
+    finished ones (``--resume``)."""
+    for unit in job.found.units:
+        if job.finished.issuperset(unit.shard_indices):
+            bar.update(unit.tokens)
+            continue
+        for shard in unit_shards(unit, columns, windower, job.found.rule):
+            if shard.index in job.finished:
+                bar.update(shard.tokens)
+                continue
+            yield shard
+
+
+def write_shards(backend: Backend, shards: Iterable[Shard], config: RunConfig, job: Prepared,
+                 bar: tqdm) -> None:
+    """Analyse each shard and hand its tables to a writer thread, which writes them while
+    the next shard computes; returns once every shard is written. An error of the writer
+    (a full disk) is raised here, at the next hand-over or at the end."""
+    def written(shard: Shard, tables: dict[str, pa.Table]) -> None:
+        job.writer.write_shard(shard.index, tables)  # already in sort order
+        bar.set_postfix(shard=f"{shard.index + 1}/{job.found.shards}")
+
+    with ShardWriterThread(written) as writes:
+        for shard in shards:
+            writes.put(shard, shard_tables(backend, shard, config, on_batch=lambda done:
+                                           bar.update(sum(w.n_tokens for w in done))))
 
 
 def run_windowed(windowed: Sequence[tuple[Document, list[Window]]], out: str | Path,
@@ -341,14 +376,17 @@ def run_windowed(windowed: Sequence[tuple[Document, list[Window]]], out: str | P
     tally = _Tally(config.attention, backend.info.causal)
     for _, windows in windowed:
         tally.add(windows)
-    shards = list(pack_shards(windowed, config.shard_tokens))
-    found = tally.survey([ReadUnit((), 0, len(shards), 0, tally.tokens)], backend.info)
+    rule = shard_rule(config, backend.info)
+    shards = list(pack_shards(windowed, rule))
+    largest = max((rule.document_bytes(shard.windows) for shard in shards), default=0)
+    found = tally.survey([ReadUnit((), 0, len(shards), 0, tally.tokens)], backend.info, rule,
+                         largest)
+    check_memory(found, config, backend)
     manifest = build_manifest(backend, config, input_entry)
     manifest["runtime"]["engine"] = "local"
     job = Prepared([], InputSummary(documents=len(windowed)), found, manifest,
                    writer.open(manifest), writer)
     bar = progress_bar(found, progress)
-    for shard in shards:
-        write_shard(backend, shard, config, job, bar)
+    write_shards(backend, shards, config, job, bar)
     bar.close()
     return finish(job, started)

@@ -41,7 +41,7 @@ from pipelines.jobs.local import (
 )
 from pipelines.jobs.memory import keep_freed_memory, release_freed_memory
 from pipelines.text.inputs import Columns
-from pipelines.text.plan import ReadUnit, unit_shards
+from pipelines.text.plan import ReadUnit, ShardRule, unit_shards
 from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,12 @@ def place_workers(options: RayOptions, config: RunConfig, resources: dict[str, f
     return Placement(workers, worker_cpus, use_gpus)
 
 
-def read_unit(row: dict, columns: Columns, windower: Windower, shard_tokens: int,
+def read_unit(row: dict, columns: Columns, windower: Windower, rule: ShardRule,
               finished: frozenset[int]) -> Iterator[dict]:
-    """Ray Data ``flat_map``: one read unit → its unfinished shards, tokenised and pickled."""
+    """Ray Data ``flat_map``: one read unit → its unfinished shards (cut by the survey's
+    ``rule``), tokenised and pickled."""
     unit: ReadUnit = pickle.loads(row["unit"])
-    for shard in unit_shards(unit, columns, windower, shard_tokens):
+    for shard in unit_shards(unit, columns, windower, rule):
         if shard.index not in finished:
             yield {"shard": shard.index, "tokens": shard.tokens, "payload": pickle.dumps(shard)}
 
@@ -169,7 +170,7 @@ def _one_shard_per_block() -> Iterator[None]:
         context.target_max_block_size, context.enable_progress_bars = saved
 
 
-def _pipeline(units: list[ReadUnit], columns: Columns, windower: Windower,
+def _pipeline(units: list[ReadUnit], columns: Columns, windower: Windower, rule: ShardRule,
               finished: frozenset[int], config: RunConfig, out: Path, placement: Placement):
     """The Ray Data dataset of finished-shard records (lazy: runs while it is iterated)."""
     import ray
@@ -180,7 +181,7 @@ def _pipeline(units: list[ReadUnit], columns: Columns, windower: Windower,
         # flat_map's stub takes a one-argument function; fn_kwargs supplies read_unit's others
         read_unit,  # type: ignore[arg-type]
         fn_kwargs={"columns": columns, "windower": windower,
-                   "shard_tokens": config.shard_tokens, "finished": finished},
+                   "rule": rule, "finished": finished},
         num_cpus=READ_CPUS)
     return shards_ds.map_batches(
         ShardWorker, fn_constructor_kwargs={"config": config, "out": str(out),
@@ -215,8 +216,8 @@ def run_ray_job(inputs: list[str | Path], out: str | Path, config: RunConfig | N
                  len(todo), job.found.shards - len(job.finished), placement.workers,
                  placement.cpus, placement.gpus)
         with _one_shard_per_block():
-            records = _pipeline(todo, columns, windower, frozenset(job.finished), config,
-                                Path(out), placement)
+            records = _pipeline(todo, columns, windower, job.found.rule,
+                                frozenset(job.finished), config, Path(out), placement)
         job.manifest["runtime"] = _collect(records, job, placement, progress)
     finally:
         if started_ray:

@@ -1,15 +1,21 @@
 """The shard plan: which documents make up which output shard, the same for every engine.
 
-Input files are grouped into *read units*: runs of consecutive files holding at least
-``shard_tokens`` tokens (a large file is a unit of its own, small files are packed together).
-Within a unit, whole documents fill shards of about ``shard_tokens`` tokens; a shard never
+A shard closes once it holds ``shard_tokens`` tokens, or once the rows its documents add to
+the shard's tables (estimated before anything runs, :class:`RowBytes`) reach the shard's
+share of the memory budget; a document that would take an open shard past that share starts
+a new one, so only a document larger than the share on its own makes a larger shard
+(:class:`ShardRule`). Input files are grouped into *read units*: runs of consecutive files
+holding at least ``shard_tokens`` tokens (a large file is a unit of its own, small files are
+packed together). Within a unit, whole documents fill shards by the rule; a shard never
 crosses the end of a unit. The survey fixes the plan before anything is written, so the local
-engine (one unit after another) and the Ray engine (one read task per unit) write the same
-shards, and either can resume a job the other started.
+engine (one unit after another), the Ray engine (one read task per unit) and a job over
+documents in memory (one unit) write the same shards, and either engine can resume a job the
+other started.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,30 +53,99 @@ class Shard:
     def tokens(self) -> int:
         return sum(w.n_tokens for w in self.windows)
 
+    def following(self) -> Shard:
+        """The next shard, empty: it starts after this one's documents."""
+        return Shard(self.index + 1, self.first_doc + len(self.docs))
+
+
+def kept_pairs(n: int, causal: bool, top_k: int | None = None) -> int:
+    """(query, key) pairs of one head of an ``n``-token window that a job keeps: every pair
+    a query sees (all n², or n(n + 1)/2 when causal), or at most ``top_k`` per query."""
+    visible = n * (n + 1) // 2 if causal else n * n
+    return visible if top_k is None else min(visible, n * top_k)
+
+
+@dataclass(frozen=True)
+class RowBytes:
+    """Uncompressed bytes the rows of one window add to a shard's tables, before they run.
+
+    ``pair`` per (query, key) pair kept (:func:`kept_pairs`, summed over layers, heads and
+    the tables that keep pairs), ``token`` per token and ``window`` per window. Built from a
+    job's settings by ``pipelines.jobs.sizing.row_bytes``.
+    """
+
+    pair: int = 0
+    token: int = 0
+    window: int = 0
+    causal: bool = False
+    top_k: int | None = None  # at most this many pairs per query; None: every visible pair
+
+    def of_window(self, n: int) -> int:
+        pairs = kept_pairs(n, self.causal, self.top_k) if self.pair else 0
+        return self.pair * pairs + self.token * n + self.window
+
+    def of_document(self, windows: Iterable[Window]) -> int:
+        return sum(self.of_window(w.n_tokens) for w in windows)
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """When a shard of whole documents closes; every engine plans its shards by this rule.
+
+    A shard closes once it holds ``tokens`` tokens or ``max_bytes`` estimated bytes of rows
+    (``sizes`` estimates a document's; without it, or with ``max_bytes`` infinite, shards
+    close on tokens alone). A document that would take an open shard past ``max_bytes``
+    starts a new shard instead, so a shard exceeds ``max_bytes`` only when one document
+    does, and then holds that document alone.
+    """
+
+    tokens: int
+    max_bytes: float = math.inf
+    sizes: RowBytes | None = None
+
+    def document_bytes(self, windows: Iterable[Window]) -> int:
+        """The estimated bytes of a document's rows (0 without ``sizes``)."""
+        return self.sizes.of_document(windows) if self.sizes is not None else 0
+
+    def starts_new(self, open_tokens: int, open_bytes: int, doc_bytes: int) -> bool:
+        """Whether a document of ``doc_bytes`` must start a new shard: the open one holds
+        documents (``open_tokens`` > 0) and would pass ``max_bytes`` with it."""
+        return open_tokens > 0 and open_bytes + doc_bytes > self.max_bytes
+
+    def closes(self, tokens: int, nbytes: int) -> bool:
+        """Whether a shard of ``tokens`` tokens and ``nbytes`` bytes is full."""
+        return tokens >= self.tokens or nbytes >= self.max_bytes
+
 
 @dataclass
 class PlanBuilder:
-    """Builds the read units from the survey's per-document token counts, file by file."""
+    """Builds the read units from the survey's per-document tokens and bytes, file by file."""
 
-    shard_tokens: int
+    rule: ShardRule
     units: list[ReadUnit] = field(default_factory=list)
     docs: int = 0  # documents seen so far
+    largest_shard_bytes: int = 0  # the estimated bytes of the largest shard so far
     _files: list[Path] = field(default_factory=list)
     _unit_first_doc: int = 0
     _unit_tokens: int = 0
     _closed_shards: int = 0  # of the open unit
     _open_shard_tokens: int = 0
+    _open_shard_bytes: int = 0
 
-    def add_document(self, tokens: int) -> None:
+    def add_document(self, tokens: int, nbytes: int = 0) -> None:
+        """Add the next document: its tokens and the estimated bytes of its rows."""
+        if self.rule.starts_new(self._open_shard_tokens, self._open_shard_bytes, nbytes):
+            self._close_shard()
         self.docs += 1
         self._unit_tokens += tokens
         self._open_shard_tokens += tokens
-        if self._open_shard_tokens >= self.shard_tokens:
-            self._closed_shards, self._open_shard_tokens = self._closed_shards + 1, 0
+        self._open_shard_bytes += nbytes
+        if self.rule.closes(self._open_shard_tokens, self._open_shard_bytes):
+            self._close_shard()
 
     def end_file(self, path: Path) -> None:
         self._files.append(path)
-        if self._unit_tokens >= self.shard_tokens:
+        if self._unit_tokens >= self.rule.tokens:
             self._close_unit()
 
     def finish(self) -> list[ReadUnit]:
@@ -78,13 +153,19 @@ class PlanBuilder:
             self._close_unit()
         return self.units
 
+    def _close_shard(self) -> None:
+        self.largest_shard_bytes = max(self.largest_shard_bytes, self._open_shard_bytes)
+        self._closed_shards += 1
+        self._open_shard_tokens = self._open_shard_bytes = 0
+
     def _close_unit(self) -> None:
-        shards = self._closed_shards + (1 if self._open_shard_tokens else 0)
+        if self._open_shard_tokens:
+            self._close_shard()
         first_shard = self.units[-1].shard_indices.stop if self.units else 0
-        self.units.append(ReadUnit(tuple(self._files), first_shard, shards,
+        self.units.append(ReadUnit(tuple(self._files), first_shard, self._closed_shards,
                                    self._unit_first_doc, self._unit_tokens))
         self._files, self._unit_first_doc = [], self.docs
-        self._unit_tokens = self._closed_shards = self._open_shard_tokens = 0
+        self._unit_tokens = self._closed_shards = 0
 
 
 def document_windows(windower: Windower, doc: Document) -> list[Window]:
@@ -95,32 +176,38 @@ def document_windows(windower: Windower, doc: Document) -> list[Window]:
         raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
 
 
-def fill_shards(docs: Iterable[Document], windower: Windower, shard_tokens: int,
+def fill_shards(docs: Iterable[Document], windower: Windower, rule: ShardRule,
                 first_shard: int = 0, first_doc: int = 0) -> Iterator[Shard]:
-    """Whole documents into shards that close once they hold ``shard_tokens`` tokens."""
+    """Whole documents into shards, closed by ``rule``."""
     windowed = ((doc, document_windows(windower, doc)) for doc in docs)
-    return pack_shards(windowed, shard_tokens, first_shard, first_doc)
+    return pack_shards(windowed, rule, first_shard, first_doc)
 
 
-def pack_shards(windowed: Iterable[tuple[Document, list[Window]]], shard_tokens: int,
+def pack_shards(windowed: Iterable[tuple[Document, list[Window]]], rule: ShardRule,
                 first_shard: int = 0, first_doc: int = 0) -> Iterator[Shard]:
     """:func:`fill_shards` for documents already cut into windows (in document order)."""
-    shard = Shard(first_shard, first_doc)
+    shard, tokens, nbytes = Shard(first_shard, first_doc), 0, 0
     for doc, windows in windowed:
+        doc_bytes = rule.document_bytes(windows)
+        if rule.starts_new(tokens, nbytes, doc_bytes):
+            yield shard
+            shard, tokens, nbytes = shard.following(), 0, 0
         shard.docs.append(doc)
         shard.windows.extend(windows)
-        if shard.tokens >= shard_tokens:
+        tokens += sum(w.n_tokens for w in windows)
+        nbytes += doc_bytes
+        if rule.closes(tokens, nbytes):
             yield shard
-            shard = Shard(shard.index + 1, shard.first_doc + len(shard.docs))
+            shard, tokens, nbytes = shard.following(), 0, 0
     if shard.docs:
         yield shard
 
 
 def unit_shards(unit: ReadUnit, columns: Columns, windower: Windower,
-                shard_tokens: int) -> Iterator[Shard]:
+                rule: ShardRule) -> Iterator[Shard]:
     """Read a unit's files and yield its shards, exactly as the survey planned them."""
     end = unit.first_shard
-    for shard in fill_shards(read_documents(list(unit.files), columns), windower, shard_tokens,
+    for shard in fill_shards(read_documents(list(unit.files), columns), windower, rule,
                              unit.first_shard, unit.first_doc):
         end = shard.index + 1
         if end > unit.shard_indices.stop:

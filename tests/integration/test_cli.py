@@ -231,7 +231,7 @@ BOM = b"\xef\xbb\xbf"
 
 
 def run_in_process(tmp_path: Path, name: str, content: bytes, model: str = "minilm",
-                   ) -> tuple[int, str, Path]:
+                   options: tuple[str, ...] = ()) -> tuple[int, str, Path]:
     """(exit code, stderr, --out) of `headscope run` on a file holding ``content``."""
     path = tmp_path / name
     path.write_bytes(content)
@@ -239,7 +239,7 @@ def run_in_process(tmp_path: Path, name: str, content: bytes, model: str = "mini
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = main(["run", str(path), "--out", str(out), "--model", model, "--device", "cpu",
-                     "--no-progress"])
+                     "--no-progress", *options])
     return code, stderr.getvalue(), out
 
 
@@ -289,3 +289,72 @@ def test_run_keeps_ignorable_characters_that_gpt2_reads(tmp_path: Path, gpt2_dir
     assert code == 0, stderr
     tokens = Dataset.open(out).tokens("zw")
     assert len(tokens) > 0 and not tokens["is_special"].any()
+
+
+# ------------------------------------------------------------------------ --memory-budget
+
+
+def error_line(stderr: str) -> str:
+    """The one ``headscope: error:`` line, which must be the last line of stderr."""
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("headscope: error:")]
+    assert stderr.splitlines()[-1] == line and "Traceback" not in stderr
+    return line
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("lots", "memory size 'lots'"), ("2TiB", "memory size '2TiB'"), ("-1GiB", "'-1GiB'"),
+    ("", "memory size ''"), ("1MiB", "below the minimum of 64 MiB"),
+])
+def test_a_bad_memory_budget_is_one_line_and_exit_2(tmp_path: Path, value: str,
+                                                    needle: str) -> None:
+    code, stderr, out = run_in_process(tmp_path, "a.txt", b"The cat sat.\n",
+                                       options=(f"--memory-budget={value}",))
+    assert code == 2
+    line = error_line(stderr)
+    assert line.startswith("headscope: error: --memory-budget: ") and needle in line, line
+    assert not out.exists()
+
+
+def test_the_memory_budget_lands_in_the_manifest(tmp_path: Path) -> None:
+    code, stderr, out = run_in_process(tmp_path, "a.txt", b"The cat sat.\n",
+                                       options=("--memory-budget", "1.5GiB"))
+    assert code == 0, stderr
+    assert Dataset.open(out).manifest["config"]["memory_budget"] == 3 * 2**29
+
+
+def test_a_window_that_cannot_fit_the_budget_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """With ``words`` (which reads whole layers), MiniLM's 512-token window needs 12 heads ×
+    512² × 4 bytes × 3 copies ≈ 36 MiB for one layer's attention: more than the 12 MiB of
+    attention a 64 MiB budget allows. Without it, the same job runs in query blocks."""
+    text = " ".join(["Attention is all you need, they said; was it, though?"] * 60)
+    words = ("--memory-budget", "64MiB", "--analyses", "words")
+    code, stderr, out = run_in_process(tmp_path, "long.txt", text.encode() + b"\n",
+                                       options=words)
+    assert code == 2
+    line = error_line(stderr)
+    for needle in ("512 tokens", "36 MiB", "12 MiB", "64 MiB", "words", "--memory-budget",
+                   "--max-length"):
+        assert needle in line, line
+    assert not out.exists()
+    shorter = (*words, "--max-length", "256", "--overwrite")
+    code, stderr, _ = run_in_process(tmp_path, "long.txt", text.encode() + b"\n",
+                                     options=shorter)
+    assert code == 0, stderr  # windows of 256 tokens need a quarter of that
+    blocked = ("--memory-budget", "64MiB", "--overwrite")
+    code, stderr, out = run_in_process(tmp_path, "long.txt", text.encode() + b"\n",
+                                       options=blocked)
+    assert code == 0, stderr
+    assert set(Dataset.open(out).table("head_stats")["n_tokens"]) >= {512}
+
+
+def test_a_refused_job_leaves_the_dataset_it_would_overwrite(tmp_path: Path) -> None:
+    code, stderr, out = run_in_process(tmp_path, "a.txt", b"The cat sat.\n")
+    assert code == 0, stderr
+    before = snapshot(out)
+    text = " ".join(["The cat sat on the mat."] * 120)
+    code, stderr, _ = run_in_process(tmp_path, "a.txt", text.encode() + b"\n",
+                                     options=("--memory-budget", "64MiB", "--analyses", "words",
+                                              "--overwrite"))
+    assert code == 2 and "--memory-budget" in error_line(stderr)
+    assert snapshot(out) == before

@@ -51,7 +51,7 @@ from pipelines.jobs.factors.hidden import TokenRows, token_rows
 from pipelines.jobs.factors.train import DICTIONARY, MANIFEST
 from pipelines.jobs.local import survey
 from pipelines.text.inputs import Columns, expand, validate
-from pipelines.text.plan import Shard, unit_shards
+from pipelines.text.plan import Shard, ShardRule, unit_shards
 from pipelines.text.tokenize import Windower
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def apply_factors(dictionary_dir: str | Path, inputs: list[str | Path], out: str
     windower = Windower(backend.tokenizer, backend.info, windows)
     plan_config = RunConfig(shard_tokens=shard_tokens, windows=windows,
                             attention=RunConfig().attention)
-    found = survey(files, columns, windower, plan_config, backend.info)
+    rule = ShardRule(shard_tokens)  # its rows are codes, not attention: shards close on tokens
+    found = survey(files, columns, windower, plan_config, backend.info, rule)
     log.info("apply: %d documents, %d tokens, %d layers × %d factors",
              summary.documents, found.tokens, len(dictionary.layers),
              dictionary.manifest["n_factors"])
@@ -198,7 +199,7 @@ def apply_factors(dictionary_dir: str | Path, inputs: list[str | Path], out: str
     bar = tqdm(total=found.tokens, unit="tok", unit_scale=True, disable=not progress,
                desc="encoding", dynamic_ncols=True)
     for unit in found.units:
-        for shard in unit_shards(unit, columns, windower, shard_tokens):
+        for shard in unit_shards(unit, columns, windower, rule):
             _write_shard(root, shard, backend, dictionary, atoms, gram, best, profile,
                          batch_tokens)
             bar.update(shard.tokens)
