@@ -103,7 +103,7 @@ def reference_heads(model: Path) -> dict[tuple[int, int], dict[str, float]]:
     assert window.n_tokens == LENGTH
     batch = collate([window], backend.info.pad_token_id)
     config = RunConfig(model=str(model), memory_budget=BUDGET)
-    assert attention_block_rows(backend, config, 1, LENGTH) is not None, \
+    assert attention_block_rows(backend.info, config, 1, LENGTH) is not None, \
         "the window must be too long for whole layers under the budget"
     with backend.capture_queries_keys() as captured:
         backend.layers(batch, lambda layer, start, probs: None, 512)
