@@ -31,7 +31,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ import pandas as pd
 import torch
 from random_model import SHAPES
 from random_model import build as build_random_model
+from smoke import work_folder
 
 from pipelines.analysis.batch import batch_attention_cells
 from pipelines.backends import Backend, create_backend
@@ -807,14 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         rss_child(*args.rss_child, make_config(args))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="headscope-bench-"))
-    try:
+    with work_folder("headscope-bench-", args.keep) as work:
         run(args, work)
-    finally:
-        if args.keep:
-            print(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

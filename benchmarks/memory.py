@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smoke import parse_args_with_smoke
+from smoke import parse_args_with_smoke, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "headscope"
@@ -249,14 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_corpora:
         write_corpora(args.write_corpora, args.docs, args.long_docs)
         return 0
-    work = Path(tempfile.mkdtemp(prefix="headscope-memory-"))
-    try:
+    with work_folder("headscope-memory-", args.keep) as work:
         run(args, work)
-    finally:
-        if args.keep:
-            print(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
