@@ -211,7 +211,9 @@ def attention_block_rows(info: ModelInfo, config: RunConfig, size: int, length: 
     whole_layers = [a.name for a in registry.selected(config.analyses)
                     if a.layerwise or a.needs_all_layers]
     if whole_layers or not streams:
-        reason = (f"the analyses {', '.join(whole_layers)} read whole layers" if whole_layers
+        reason = (f"the analysis {whole_layers[0]} reads whole layers"
+                  if len(whole_layers) == 1 else
+                  f"the analyses {', '.join(whole_layers)} read whole layers" if whole_layers
                   else f"the {runtime} backend forms whole layers itself")
         live = MemoryBudget(config.memory_budget).live_batch_bytes
         needed = cells * held * CELL_BYTES * LIVE_ATTENTION_COPIES

@@ -106,7 +106,7 @@ def test_whole_layers_must_fit_when_an_analysis_reads_them() -> None:
         check_fits(296, budget, BERT)
     message = str(refused.value)
     for needle in ("a window of 296 tokens needs 12 MiB", "12 heads × 296² cells",
-                   "× 1 layer at once", "the analyses words read whole layers",
+                   "× 1 layer at once", "the analysis words reads whole layers",
                    "memory budget of 64 MiB", "Raise --memory-budget or lower --max-length"):
         assert needle in message, message
 
