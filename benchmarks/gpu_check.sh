@@ -134,7 +134,7 @@ for spec in "${RUNS[@]}"; do
   fi
   # shellcheck disable=SC2086  # $options holds several words on purpose
   timeout -k 10 "$seconds" "$PY" benchmarks/corpus_throughput.py --device "$DEVICE" \
-    --dtype "$dtype" $options "${MODEL[@]}" 2>&1 | grep -v "^Loading weights\|^Writing model" \
+    --dtype "$dtype" $options "${MODEL[@]}" 2>&1 | grep -v "Loading weights\|Writing model" \
     | tee "$LOGS/$dtype.log"
   rc=${PIPESTATUS[0]}
   (( rc != 0 )) && echo "  (exit $rc$( (( rc == 124 )) && echo ": stopped after $seconds s"))"
@@ -148,7 +148,7 @@ else
   REDUCTION=(--docs 120 --repeats 3)
   (( DRY_RUN )) && REDUCTION=(--smoke)
   timeout -k 10 "$seconds" "$PY" benchmarks/reduction.py --device "$DEVICE" "${MODEL[@]}" \
-    "${REDUCTION[@]}" 2>&1 | grep -v "^Loading weights\|^Writing model\|FutureWarning\|check(" \
+    "${REDUCTION[@]}" 2>&1 | grep -v "Loading weights\|Writing model\|FutureWarning\|check(" \
     | tee "$LOGS/reduction.txt"
 fi
 
