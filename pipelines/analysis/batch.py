@@ -22,10 +22,17 @@ from pipelines.analysis.registry import (
     BatchTables,
     ShardState,
     layers_held,
+    per_head_owner,
 )
 from pipelines.backends.base import Backend, Capability, QueryKey, require
 from pipelines.backends.batching import Batch, collate, plan_batches
-from pipelines.compute.budget import CELL_BYTES, LIVE_ATTENTION_COPIES, MemoryBudget, format_bytes
+from pipelines.compute.budget import (
+    CELL_BYTES,
+    LIVE_ATTENTION_COPIES,
+    MemoryBudget,
+    attention_bytes,
+    format_bytes,
+)
 from pipelines.compute.stats import KeyFlags
 from pipelines.compute.streaming import LayerReduction, ReductionSpec, query_block_rows
 from pipelines.config import ConfigError, RunConfig
@@ -174,7 +181,7 @@ def batch_tables(backend: Backend, batch: Batch, config: RunConfig,
                                                          streams_layers(backend),
                                                          backend.name))
     stats, kept = reduction.statistics(), reduction.kept()
-    per_head = np.repeat(np.arange(size), info.num_layers * info.num_heads)
+    per_head = per_head_owner(info.num_layers, size, info.num_heads)
     owned = {  # every table with the batch row of each of its rows
         "head_stats": (stats_table(batch.windows, stats), per_head),
         "attention": (attention_table(batch.windows, kept, config.attention.kind == "full"),
@@ -203,28 +210,34 @@ def attention_block_rows(info: ModelInfo, config: RunConfig, size: int, length: 
     whole layers are needed (an analysis reads whole layers, or the backend forms them all
     itself) and do not fit: the one rule every engine checks before a job starts.
     """
-    held = layers_held(config.analyses, info.num_layers) if streams else info.num_layers
+    held = held_layers(info, config, streams)
     allowed = MemoryBudget(config.memory_budget).attention_cells(held)
     cells = size * info.num_heads * length * length
     if cells <= allowed:
         return None
     whole_layers = [a.name for a in registry.selected(config.analyses)
                     if a.layerwise or a.needs_all_layers]
-    if whole_layers or not streams:
-        reason = (f"the analysis {whole_layers[0]} reads whole layers"
-                  if len(whole_layers) == 1 else
-                  f"the analyses {', '.join(whole_layers)} read whole layers" if whole_layers
-                  else f"the {runtime} backend forms whole layers itself")
-        live = MemoryBudget(config.memory_budget).live_batch_bytes
-        needed = cells * held * CELL_BYTES * LIVE_ATTENTION_COPIES
-        raise ConfigError(
-            f"a window of {length} tokens needs {format_bytes(needed)} for its attention "
-            f"({info.num_heads} heads × {length}² "
-            f"cells × {CELL_BYTES} bytes × {LIVE_ATTENTION_COPIES} copies × {held} layer"
-            f"{'s' if held > 1 else ''} at once), and {reason}; the memory budget of "
-            f"{format_bytes(config.memory_budget)} allows {format_bytes(live * 3 // 4)} of "
-            "attention in a batch. Raise --memory-budget or lower --max-length")
-    return max(1, allowed // (size * info.num_heads * length))
+    if len(whole_layers) == 1:
+        reason = f"the analysis {whole_layers[0]} reads whole layers"
+    elif whole_layers:
+        reason = f"the analyses {', '.join(whole_layers)} read whole layers"
+    elif not streams:
+        reason = f"the {runtime} backend forms whole layers itself"
+    else:
+        return max(1, allowed // (size * info.num_heads * length))
+    raise ConfigError(
+        f"a window of {length} tokens needs {format_bytes(attention_bytes(cells, held))} for "
+        f"its attention ({info.num_heads} heads × {length}² cells × {CELL_BYTES} bytes × "
+        f"{LIVE_ATTENTION_COPIES} copies × {held} layer{'s' if held > 1 else ''} at once), "
+        f"and {reason}; the memory budget of {format_bytes(config.memory_budget)} allows "
+        f"{format_bytes(MemoryBudget(config.memory_budget).attention_bytes)} of attention in "
+        "a batch. Raise --memory-budget or lower --max-length")
+
+
+def held_layers(info: ModelInfo, config: RunConfig, streams: bool = True) -> int:
+    """Layers of attention a batch holds at once: one when the backend streams layers and no
+    chosen analysis needs them all, else every layer."""
+    return layers_held(config.analyses, info.num_layers) if streams else info.num_layers
 
 
 def streams_layers(backend: Backend) -> bool:
@@ -234,10 +247,8 @@ def streams_layers(backend: Backend) -> bool:
 
 def batch_attention_cells(backend: Backend, config: RunConfig) -> int:
     """Attention cells (B x H x S^2 of one layer) a batch may have under the job's memory
-    budget: the budget's batch share over the layers held at once (one when the backend
-    streams layers and no chosen analysis needs them all)."""
-    layers = backend.info.num_layers
-    held = layers_held(config.analyses, layers) if streams_layers(backend) else layers
+    budget: the budget's batch share over the layers held at once."""
+    held = held_layers(backend.info, config, streams_layers(backend))
     return MemoryBudget(config.memory_budget).attention_cells(held)
 
 

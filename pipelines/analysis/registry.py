@@ -50,10 +50,16 @@ class BatchContext:
 
     @property
     def per_head_owner(self) -> np.ndarray:
-        """The batch row of each row of a per-(window, layer, head) table, in (batch row,
-        layer, head) order (as ``pipelines.dataset.tables.per_head_columns`` lays them out)."""
+        """The batch row of each row of a per-(window, layer, head) table of this context."""
         layers, size, heads = self.attn.shape[:3]
-        return np.repeat(np.arange(size), layers * heads)
+        return per_head_owner(layers, size, heads)
+
+
+def per_head_owner(layers: int, size: int, heads: int) -> np.ndarray:
+    """The batch row of each row of a per-(window, layer, head) table of ``size`` windows,
+    in (batch row, layer, head) order (as ``pipelines.dataset.tables.per_head_columns`` lays
+    them out)."""
+    return np.repeat(np.arange(size), layers * heads)
 
 
 #: Per-batch tables by name, each with the batch row (window) of every table row: rows must

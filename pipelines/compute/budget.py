@@ -83,13 +83,22 @@ class MemoryBudget:
         batch share (the rest is for the attention itself)."""
         return self.live_batch_bytes // 4
 
+    @property
+    def attention_bytes(self) -> int:
+        """For the attention itself: the live batch share less the reduction's."""
+        return self.live_batch_bytes - self.reduction_bytes
+
     def attention_cells(self, layers_held: int = 1) -> int:
         """Attention cells (B × H × S² per layer) a batch may hold, when ``layers_held``
         layers' probabilities are alive at once (1 when streaming; L when an analysis needs
-        every layer together): three quarters of the live batch share over the live
-        copies."""
-        return (self.live_batch_bytes - self.reduction_bytes) // (
-            CELL_BYTES * LIVE_ATTENTION_COPIES * max(1, layers_held))
+        every layer together): the inverse of :func:`attention_bytes`."""
+        return self.attention_bytes // attention_bytes(1, layers_held)
+
+
+def attention_bytes(cells: int, layers_held: int = 1) -> int:
+    """Working bytes of ``cells`` attention cells of one layer (B × H × S²), float32,
+    ``LIVE_ATTENTION_COPIES`` times, for each of the ``layers_held`` layers alive at once."""
+    return cells * CELL_BYTES * LIVE_ATTENTION_COPIES * max(1, layers_held)
 
 
 def format_bytes(size: float) -> str:

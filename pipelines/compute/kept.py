@@ -74,7 +74,7 @@ def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: At
     return {  # rows in (batch, layer, head, query, key) order
         "batch_index": found[:, 0],
         "layer": found[:, 1] + np.int32(first_layer),  # int32: signed, as every integer
-        "head": found[:, 2].copy(),  # column is stored
+        "head": found[:, 2].copy(),  # column is stored (copies: contiguous columns)
         "query": found[:, 3] + np.int32(start),
         "key": found[:, 4].copy(),
         "weight": weights.cpu().numpy().astype(np.float16 if mode.kind == "full" else np.float32),

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 
 from pipelines.analysis.batch import attention_block_rows
 from pipelines.analysis.registry import layers_held
-from pipelines.compute.budget import (
-    CELL_BYTES,
-    LIVE_ATTENTION_COPIES,
-    MemoryBudget,
-    format_bytes,
-)
+from pipelines.compute.budget import MemoryBudget, attention_bytes, format_bytes
 from pipelines.compute.stats import DEFINITIONS
 from pipelines.config import RunConfig
 from pipelines.models import ModelInfo
@@ -63,11 +58,11 @@ def shard_rule(config: RunConfig, info: ModelInfo) -> ShardRule:
     return ShardRule(config.shard_tokens, budget.shard_bytes, row_bytes(config, info))
 
 
-def attention_bytes(n: int, config: RunConfig, info: ModelInfo) -> int:
+def window_attention_bytes(n: int, config: RunConfig, info: ModelInfo) -> int:
     """Working bytes of one window of ``n`` tokens' attention in a batch: every head's n × n
-    float32 cells, ``LIVE_ATTENTION_COPIES`` times, for each layer held at once."""
-    held = layers_held(config.analyses, info.num_layers)
-    return info.num_heads * n * n * CELL_BYTES * LIVE_ATTENTION_COPIES * held
+    cells (``compute.budget.attention_bytes``), for each layer held at once."""
+    return attention_bytes(info.num_heads * n * n, layers_held(config.analyses,
+                                                               info.num_layers))
 
 
 def check_fits(longest: int, config: RunConfig, info: ModelInfo, streams: bool = True,
@@ -100,7 +95,7 @@ def expected_memory(longest: int, windows: int, shards: int, largest_shard_bytes
     largest shard's rows twice (once when the job has a single shard)."""
     budget = MemoryBudget(config.memory_budget)
     per_batch = min(windows, max(1, config.batch_tokens // max(1, longest)))
-    batch = min(budget.batch_bytes, per_batch * attention_bytes(longest, config, info))
+    batch = min(budget.batch_bytes, per_batch * window_attention_bytes(longest, config, info))
     return MemoryEstimate(budget.total, batch, largest_shard_bytes, min(2, shards))
 
 

@@ -69,7 +69,7 @@ class TorchBackend:
 
         def take(start: int, probs: torch.Tensor) -> None:  # [B, H, Q, S], model dtype
             nonlocal layer
-            probs = probs.float() if probs.dtype != torch.float32 else probs
+            probs = probs.float()  # the same tensor when it is float32 already
             sink(layer, start, probs.mul_(valid_keys))  # exact zeros on padded keys
             if start + probs.shape[-2] == length:
                 layer += 1

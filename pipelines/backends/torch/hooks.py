@@ -161,10 +161,10 @@ def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if groups > 1:  # grouped-query attention: key/value head h serves query heads h·g ..
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scaling, softcap = _scaling(module, query, kwargs), kwargs.get("softcap")
-    keys = key.shape[2]
+    keys, step = key.shape[2], sink.block_rows or length
     context = query.new_empty((size, heads, length, value.shape[-1]))
-    for start in range(0, length, sink.block_rows or length):
-        stop = min(start + (sink.block_rows or length), length)
+    for start in range(0, length, step):
+        stop = min(start + step, length)
         scores = torch.matmul(query[:, :, start:stop], key.transpose(2, 3)) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
