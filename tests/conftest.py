@@ -20,7 +20,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pipelines.backends.batching import Batch, collate  # noqa: E402
 from pipelines.backends.torch.backend import TorchBackend  # noqa: E402
+from pipelines.config import WindowConfig  # noqa: E402
+from pipelines.text.tokenize import Document, Windower  # noqa: E402
 
 GPT2_SEED = 1234
 
@@ -213,6 +216,19 @@ SAMPLE_TEXTS = [
     "Transformers read text in parallel: every token attends to every other token "
     "(or, in causal models, to those before it), and the weights say how much.",
 ]
+
+
+def mixed_batch(backend: TorchBackend) -> Batch:
+    """Sentences of mixed lengths, a sentence pair and a document cut into several 48-token
+    windows, padded into one batch on the backend's device."""
+    docs = [Document(f"d{i}", text) for i, text in enumerate(SAMPLE_TEXTS)]
+    docs.append(Document("pair", "Is it raining?", "No, the sun is out today."))
+    docs.append(Document("long", " ".join(SAMPLE_TEXTS * 3)))
+    windower = Windower(backend.tokenizer, backend.info, WindowConfig(max_length=48, stride=8))
+    windows = [w for doc in docs for w in windower.windows(doc)]
+    assert sum(w.doc.doc_id == "long" for w in windows) > 2, "the long document needs windows"
+    assert len({w.n_tokens for w in windows}) > 3, "the batch needs padding"
+    return collate(windows, backend.info.pad_token_id).to(backend.device)
 
 
 TIERS = {"unit": "unit", "integration": "integration", "acceptance": "acceptance"}

@@ -43,11 +43,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from compare_tables import assert_attention_equal, assert_head_stats_equal
-from conftest import SAMPLE_TEXTS, needs_minilm
+from conftest import SAMPLE_TEXTS, mixed_batch, needs_minilm
 from tolerances import ATTENTION_ATOL, EPS32, STAT_ATOL, STREAM_RTOL
 
 from pipelines.backends.base import DTYPES, QueryKey
-from pipelines.backends.batching import Batch, collate
+from pipelines.backends.batching import Batch
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.kept import kept_weights, visible_pairs
 from pipelines.compute.stats import (
@@ -61,7 +61,6 @@ from pipelines.compute.stats import (
 from pipelines.compute.streaming import LayerReduction, ReductionSpec
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.jobs.local import run_job
-from pipelines.text.tokenize import Document, Windower
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])
@@ -107,17 +106,6 @@ def backends(gpt2_dir: Path) -> Iterator[Loader]:
     loaded.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def mixed_batch(backend: TorchBackend) -> Batch:
-    """Sentences of mixed lengths, a sentence pair and a document cut into several windows,
-    padded into one batch on the backend's device."""
-    docs = [Document(f"d{i}", text) for i, text in enumerate(SAMPLE_TEXTS)]
-    docs.append(Document("pair", "Is it raining?", "No, the sun is out today."))
-    docs.append(Document("long", " ".join(SAMPLE_TEXTS * 3)))
-    windower = Windower(backend.tokenizer, backend.info, WindowConfig(max_length=48, stride=8))
-    windows = [w for doc in docs for w in windower.windows(doc)]
-    return collate(windows, backend.info.pad_token_id).to(backend.device)
 
 
 def flags_of(batch: Batch) -> KeyFlags:

@@ -17,16 +17,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXTS
+from conftest import mixed_batch
 from tolerances import ATTENTION_ATOL, STAT_ATOL, STREAM_RTOL
 
-from pipelines.backends.batching import Batch, collate
+from pipelines.backends.batching import Batch
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.kept import kept_weights
 from pipelines.compute.stats import KeyFlags, head_statistics, row_order
 from pipelines.compute.streaming import LayerReduction, ReductionSpec, interleave
-from pipelines.config import AttentionMode, WindowConfig
-from pipelines.text.tokenize import Document, Windower
+from pipelines.config import AttentionMode
 
 MODES = [AttentionMode("none"), AttentionMode("topk", k=3), AttentionMode("threshold",
                                                                           threshold=0.1),
@@ -34,18 +33,6 @@ MODES = [AttentionMode("none"), AttentionMode("topk", k=3), AttentionMode("thres
 BLOCKS = [1, 7, None]  # None: the whole window, one block per layer
 #: Statistics whose row terms come from an einsum (module docstring).
 BY_EINSUM = {"mass_sep", "mass_special", "mass_punct", "mean_distance", "mass_sparse"}
-
-
-def batch_of(backend: TorchBackend, max_length: int | None = None) -> Batch:
-    """Sentences of mixed lengths, a sentence pair and a document cut into several windows."""
-    docs = [Document(f"d{i}", text) for i, text in enumerate(SAMPLE_TEXTS)]
-    docs.append(Document("pair", "Is it raining?", "No, the sun is out today."))
-    docs.append(Document("long", " ".join(SAMPLE_TEXTS * 3)))
-    windower = Windower(backend.tokenizer, backend.info, WindowConfig(max_length=48, stride=8))
-    windows = [w for doc in docs for w in windower.windows(doc)]
-    assert sum(w.doc.doc_id == "long" for w in windows) > 2, "the long document needs windows"
-    assert len({w.n_tokens for w in windows}) > 3, "the batch needs padding"
-    return collate(windows, backend.info.pad_token_id)
 
 
 def streamed(backend: TorchBackend, batch: Batch, spec: ReductionSpec) -> LayerReduction:
@@ -66,7 +53,7 @@ def spec_of(backend: TorchBackend, mode: AttentionMode, block: int | None,
 @pytest.mark.parametrize("epsilon", [0.0, 1e-4])
 def test_statistics_equal_the_stacked_path(backend: TorchBackend, block: int | None,
                                            epsilon: float) -> None:
-    batch = batch_of(backend)
+    batch = mixed_batch(backend)
     attn = backend.attentions(batch)
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
     info = backend.info
@@ -86,7 +73,7 @@ def test_statistics_equal_the_stacked_path(backend: TorchBackend, block: int | N
 @pytest.mark.parametrize("block", BLOCKS)
 def test_kept_weights_identical_to_the_stacked_path(backend: TorchBackend, mode: AttentionMode,
                                                     block: int | None) -> None:
-    batch = batch_of(backend)
+    batch = mixed_batch(backend)
     attn = backend.attentions(batch)
     want = kept_weights(attn, batch.valid, backend.info.causal, mode,
                         row_order(attn, mode.k or None).kth_largest)
@@ -102,7 +89,7 @@ def test_kept_weights_identical_to_the_stacked_path(backend: TorchBackend, mode:
 
 
 def test_layers_must_arrive_in_order(minilm: TorchBackend) -> None:
-    batch = batch_of(minilm)
+    batch = mixed_batch(minilm)
     attn = minilm.attentions(batch)
     reduction = LayerReduction(spec_of(minilm, AttentionMode("none"), None),
                                KeyFlags(batch.valid, batch.is_sep, batch.is_special,
@@ -141,7 +128,7 @@ def test_blocked_attention_equals_the_eager_attention(backend: TorchBackend,
     """The blocked attention runs the eager maths on fewer query rows: the matmuls round
     in a shape-dependent order, so the weights agree within ATTENTION_ATOL (the bound for
     one window under other batch shapes, tests/tolerances.py), not bit for bit."""
-    batch = batch_of(backend)
+    batch = mixed_batch(backend)
     want = backend.attentions(batch)
     blocks: dict[int, list[torch.Tensor]] = {}
     starts: dict[int, list[int]] = {}
@@ -167,7 +154,7 @@ def test_blocked_attention_reduces_like_whole_layers(backend: TorchBackend) -> N
     within STAT_ATOL (the weights' own difference, ATTENTION_ATOL, carried through sums of
     weights that add to 1); kept top-k keys are the same wherever the k-th and (k+1)-th
     weights of a row are further apart than the weights' own difference."""
-    batch = batch_of(backend)
+    batch = mixed_batch(backend)
     spec = spec_of(backend, AttentionMode("topk", k=3), None)
     flags = KeyFlags(batch.valid, batch.is_sep, batch.is_special, batch.is_punct)
     whole, blocked = LayerReduction(spec, flags), LayerReduction(spec, flags)
