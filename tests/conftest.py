@@ -122,6 +122,16 @@ class Outcome:
         return [line for line in self.stderr.splitlines() if line.startswith("headscope: error:")]
 
 
+def run_cli(*args: str, timeout_s: float = 600) -> Outcome:
+    """``headscope ARGS`` in a fresh process, offline, from the repository root."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([*CLI, *args], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
 #: How long a test waits for a service to answer /readyz (model loading on a busy machine).
 SERVICE_START_TIMEOUT_S = 180
 

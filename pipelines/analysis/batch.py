@@ -101,7 +101,7 @@ def reduction_spec(info: ModelInfo, config: RunConfig, batch_size: int,
                              config.attention)
     return ReductionSpec(info.num_layers, info.causal, config.local_window,
                          info.sep_token_id is not None, config.attention,
-                         config.entropy_epsilon, block)
+                         config.entropy_epsilon, block, info.layer_windows)
 
 
 class _LayerwiseTables:

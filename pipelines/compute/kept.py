@@ -10,15 +10,19 @@ from pipelines.config import AttentionMode
 
 
 def visible_pairs(valid: torch.Tensor, causal: bool, start: int = 0,
-                  rows: int | None = None) -> torch.Tensor:
-    """[B, Q, S] bool: query i may see key j (both real; j <= i in causal models), for the
-    query rows i = ``start`` .. ``start`` + Q - 1 (default: every row, Q = S)."""
+                  rows: int | None = None, window: int | None = None) -> torch.Tensor:
+    """[B, Q, S] bool: query i may see key j (both real; j <= i in causal models; within
+    a sliding ``window`` as ``stats.keys_visible`` says), for the query rows i = ``start`` ..
+    ``start`` + Q - 1 (default: every row, Q = S)."""
     stop = valid.shape[-1] if rows is None else start + rows
     pairs = valid[:, start:stop, None] & valid[:, None, :]
-    if causal:
-        queries = torch.arange(start, stop, device=valid.device)
-        keys = torch.arange(valid.shape[-1], device=valid.device)
-        pairs = pairs & (keys[None, :] <= queries[:, None])[None]
+    if causal or window is not None:
+        queries = torch.arange(start, stop, device=valid.device)[:, None]  # [Q, 1]
+        keys = torch.arange(valid.shape[-1], device=valid.device)[None, :]  # [1, S]
+        if causal:
+            pairs = pairs & (keys <= queries)[None]
+        if window is not None:
+            pairs = pairs & ((queries - keys).abs() < window)[None]
     return pairs
 
 
@@ -45,23 +49,25 @@ def top_k_mask(attn: torch.Tensor, kth_largest: torch.Tensor, visible: torch.Ten
 
 def kept_weights(attn: torch.Tensor, valid: torch.Tensor, causal: bool, mode: AttentionMode,
                  kth_largest: torch.Tensor | None = None, start: int = 0,
-                 first_layer: int = 0) -> dict[str, np.ndarray] | None:
+                 first_layer: int = 0, window: int | None = None
+                 ) -> dict[str, np.ndarray] | None:
     """Columns (batch_index, layer, head, query, key, weight) of the kept weights, or None.
 
     ``attn`` is [L, B, H, Q, S] with zeros on padded keys: the query rows ``start`` ..
     ``start`` + Q - 1 (default: whole maps) of layers ``first_layer`` .. + L - 1. Padded
-    queries and keys and, in causal models, future keys are never kept. ``topk`` needs each
-    row's k-th largest weight (``row_order(attn, k).kth_largest``).
+    queries and keys and, in causal models, future keys are never kept, nor keys beyond a
+    sliding-window layer's ``window`` (every layer of ``attn`` has that window). ``topk``
+    needs each row's k-th largest weight (``row_order(attn, k).kth_largest``).
     """
     if mode.kind == "none":
         return None
     rows = attn.shape[-2]
-    visible = visible_pairs(valid, causal, start, rows)  # [B, Q, S]
+    visible = visible_pairs(valid, causal, start, rows, window)  # [B, Q, S]
     if mode.kind == "topk":
         if kth_largest is None:
             raise ValueError("topk needs each row's k-th largest weight (row_order)")
         k = min(mode.k, attn.shape[-1])
-        quota = torch.minimum(keys_visible(valid, causal)[:, start:start + rows],
+        quota = torch.minimum(keys_visible(valid, causal, window)[:, start:start + rows],
                               torch.tensor(float(k))).long()
         keep = top_k_mask(attn, kth_largest, visible, quota)
     elif mode.kind == "threshold":

@@ -2,13 +2,16 @@
 
 Notation (see docs/statistics.md): A is one head's attention restricted to the n valid
 positions; rows are queries i, columns keys j; k_i is the number of keys query i may see
-(n for bidirectional models, i + 1 for causal ones). "mean_i" averages over valid query rows.
+(n for bidirectional models, i + 1 for causal ones; a sliding-window layer of window w sees
+min(i + 1, w) causal keys, or those with |i - j| < w bidirectionally). "mean_i" averages
+over valid query rows.
 Everything runs in float32. ``pipelines.compute.reference`` holds the same definitions as
 plain loops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,13 +92,18 @@ class KeyFlags:
     is_punct: torch.Tensor  # [B, S] bool
 
 
-def keys_visible(valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[B, S] float: k_i, the number of keys query i may see (0 on padding)."""
+def keys_visible(valid: torch.Tensor, causal: bool, window: int | None = None) -> torch.Tensor:
+    """[B, S] float: k_i, the number of keys query i may see (0 on padding).
+
+    Valid tokens are the first n positions of each row. ``window`` w (a sliding-window
+    layer): a causal query i sees keys i - w < j <= i, a bidirectional one |i - j| < w.
+    """
     n = valid.sum(-1, keepdim=True)  # [B, 1]
-    if causal:
-        positions = torch.arange(1, valid.shape[-1] + 1, device=valid.device)
-        return torch.minimum(positions[None, :], n).float() * valid
-    return n.float() * valid
+    positions = torch.arange(valid.shape[-1], device=valid.device)[None, :]  # [1, S]
+    reach = valid.shape[-1] if window is None else window - 1  # keys on each side beyond i
+    before = torch.clamp(positions, max=reach)
+    after = torch.zeros_like(n) if causal else torch.clamp(n - 1 - positions, 0, reach)
+    return ((before + after + 1).clamp(max=n)).float() * valid
 
 
 @dataclass
@@ -192,24 +200,26 @@ _NORM_ROW_STATS = ("entropy_norm",)
 
 def row_terms(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
               start: int = 0, order: RowOrder | None = None,
-              entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
+              entropy_epsilon: float = 0.0, window: int | None = None
+              ) -> dict[str, torch.Tensor]:
     """Every statistic's term for each query row of a block, [L, B, H, Q] float32.
 
     ``attn`` [L, B, H, Q, S] holds the query rows ``start`` .. ``start`` + Q - 1 of every
     window (Q = S and ``start`` = 0 for whole maps), zeros on padded keys; ``flags`` describe
     the whole windows ([B, S]). A statistic is the mean of its terms over the valid rows
     (``row_sums``, ``finish_statistics``). ``order`` (``row_order`` of the same block) is
-    reused if given; ``entropy_epsilon`` > 0 smooths ``entropy``'s maps.
+    reused if given; ``entropy_epsilon`` > 0 smooths ``entropy``'s maps; ``window`` is the
+    layers' sliding window (``keys_visible``).
     """
     rows, size = attn.shape[-2:]
-    k_i = keys_visible(flags.valid, causal)[:, start:start + rows]  # [B, Q]
+    k_i = keys_visible(flags.valid, causal, window)[:, start:start + rows]  # [B, Q]
     log_k = torch.where(k_i > 1, k_i.clamp(min=2).log(), torch.ones_like(k_i))
     entropy_rows = row_entropy(attn)  # [L, B, H, Q]
     queries = torch.arange(start, start + rows, device=attn.device)
     distance = (queries[:, None] - torch.arange(size, device=attn.device)[None, :]).abs()
     key_features = torch.stack([flags.is_sep, flags.is_special, flags.is_punct], -1).float()
     key_mass = torch.einsum("lbhqk,bkf->lbhqf", attn, key_features)  # [L, B, H, Q, 3]
-    window, window_special = _band(attn, start, local_window, flags.is_special.float())
+    band, band_special = _band(attn, start, local_window, flags.is_special.float())
     order = order or row_order(attn)
     return {
         "entropy": entropy_rows if not entropy_epsilon else
@@ -224,41 +234,47 @@ def row_terms(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: i
         "mass_special": key_mass[..., 1],
         "mass_punct": key_mass[..., 2],
         "mean_distance": torch.einsum("lbhqk,qk->lbhq", attn, distance.float()),
-        "mass_window": window,
-        "mass_sparse": window + key_mass[..., 1] - window_special,
+        "mass_window": band,
+        "mass_sparse": band + key_mass[..., 1] - band_special,
         "k90": torch.minimum(order.k90, k_i[None, :, None, :].clamp(min=1)),
     }
 
 
 def row_weights(valid: torch.Tensor, causal: bool, start: int = 0,
-                rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rows: int | None = None, window: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, Q] float each: the rows ``start`` .. ``start`` + Q - 1 that enter a statistic's
     mean: every valid query, and (for ``entropy_norm``) those with k_i > 1."""
     stop = valid.shape[-1] if rows is None else start + rows
     q = valid[:, start:stop].float()
-    return q, (keys_visible(valid, causal)[:, start:stop] > 1).float()
+    return q, (keys_visible(valid, causal, window)[:, start:stop] > 1).float()
 
 
 def row_sums(terms: dict[str, torch.Tensor], valid: torch.Tensor, causal: bool,
-             start: int = 0) -> dict[str, torch.Tensor]:
+             start: int = 0, window: int | None = None) -> dict[str, torch.Tensor]:
     """[L, B, H] float32: each statistic's terms (``row_terms``) summed over the rows that
     enter its mean."""
     rows = next(iter(terms.values())).shape[-1]
-    q, norm_rows = row_weights(valid, causal, start, rows)
+    q, norm_rows = row_weights(valid, causal, start, rows, window)
     return {name: (term * (norm_rows if name in _NORM_ROW_STATS else q)[None, :, None, :])
             .sum(-1) for name, term in terms.items()}
 
 
 def finish_statistics(sums: dict[str, torch.Tensor], valid: torch.Tensor, causal: bool,
-                      has_sep: bool) -> dict[str, torch.Tensor]:
+                      has_sep: bool, windows: Sequence[int | None] = ()
+                      ) -> dict[str, torch.Tensor]:
     """Every statistic [L, B, H] (``n_tokens`` [B]) from its row sums over whole windows:
     divided by the rows counted; NaN ``entropy_norm`` for a window with no row of k_i > 1,
-    NaN ``mass_sep`` for a model without a separator token."""
-    q, norm_rows = row_weights(valid, causal)
-    n, norm_count = q.sum(-1), norm_rows.sum(-1)  # [B]
-    stats = {name: total / (norm_count.clamp(min=1) if name in _NORM_ROW_STATS else n)
-             [None, :, None] for name, total in sums.items()}
-    stats["entropy_norm"] = stats["entropy_norm"].masked_fill((norm_count == 0)[None, :, None],
+    NaN ``mass_sep`` for a model without a separator token. ``windows``: each layer's
+    sliding window (empty: none)."""
+    layers = next(iter(sums.values())).shape[0]
+    q = valid.float()
+    n = q.sum(-1)  # [B]
+    norm_count = torch.stack([row_weights(valid, causal, window=window)[1].sum(-1)
+                              for window in (windows or (None,) * layers)])  # [L, B]
+    stats = {name: total / (norm_count.clamp(min=1)[:, :, None] if name in _NORM_ROW_STATS
+                            else n[None, :, None]) for name, total in sums.items()}
+    stats["entropy_norm"] = stats["entropy_norm"].masked_fill((norm_count == 0)[:, :, None],
                                                               float("nan"))
     if not has_sep:
         stats["mass_sep"] = torch.full_like(stats["mass_sep"], float("nan"))
@@ -268,15 +284,23 @@ def finish_statistics(sums: dict[str, torch.Tensor], valid: torch.Tensor, causal
 
 def head_statistics(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: int,
                     has_sep: bool, order: RowOrder | None = None,
-                    entropy_epsilon: float = 0.0) -> dict[str, torch.Tensor]:
+                    entropy_epsilon: float = 0.0, windows: Sequence[int | None] = ()
+                    ) -> dict[str, torch.Tensor]:
     """Every statistic as a [L, B, H] float32 tensor (``n_tokens`` as [B]), from whole maps.
 
     ``attn`` is [L, B, H, S, S] float32 with zeros on padded keys; padded query rows are
     ignored whatever they hold. ``order`` (from ``row_order``) is reused if given.
     ``entropy_epsilon`` > 0 smooths the maps of ``entropy`` (``smoothed_row_entropy``).
+    ``windows`` gives each layer's sliding window (empty: no layer has one).
     This is the stacked path, every layer at once; ``pipelines.compute.streaming`` reduces
     the same terms layer by layer and block by block.
     """
-    terms = row_terms(attn, flags, causal, local_window, 0, order, entropy_epsilon)
-    return finish_statistics(row_sums(terms, flags.valid, causal), flags.valid, causal,
-                             has_sep)
+    if any(window is not None for window in windows):  # layers see different keys
+        parts = [row_sums(row_terms(attn[layer:layer + 1], flags, causal, local_window, 0,
+                                    None, entropy_epsilon, window), flags.valid, causal,
+                          window=window) for layer, window in enumerate(windows)]
+        sums = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    else:
+        terms = row_terms(attn, flags, causal, local_window, 0, order, entropy_epsilon)
+        sums = row_sums(terms, flags.valid, causal)
+    return finish_statistics(sums, flags.valid, causal, has_sep, windows)

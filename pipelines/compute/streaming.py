@@ -58,6 +58,11 @@ class ReductionSpec:
     entropy_epsilon: float = 0.0
     #: Query rows per block (None: the whole window, one block per layer).
     block_rows: int | None = None
+    #: Each layer's sliding window (``ModelInfo.layer_windows``; empty: no layer has one).
+    layer_windows: tuple[int | None, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
 
 @dataclass
@@ -91,17 +96,20 @@ class LayerReduction:
         spec, rows, length = self.spec, probs.shape[-2], probs.shape[-1]
         step = min(spec.block_rows or rows, rows)
         k = spec.mode.k if spec.mode.kind == "topk" else None
+        window = spec.window(layer)
         for offset in range(0, rows, step):
             first = start + offset  # the block's first query row in the window
             block = probs[None, :, :, offset:offset + step]  # [1, B, H, Q, S]
             order = row_order(block, k)
             terms = row_terms(block, self.flags, spec.causal, spec.local_window, first, order,
-                              spec.entropy_epsilon)
-            for name, total in row_sums(terms, self.flags.valid, spec.causal, first).items():
+                              spec.entropy_epsilon, window)
+            for name, total in row_sums(terms, self.flags.valid, spec.causal, first,
+                                        window).items():
                 total = total.double()  # blocks add up exactly; one block is the float32 sum
                 self._open[name] = self._open[name] + total if name in self._open else total
             kept = kept_weights(block, self.flags.valid, spec.causal, spec.mode,
-                                order.kth_largest, start=first, first_layer=layer)
+                                order.kth_largest, start=first, first_layer=layer,
+                                window=window)
             if kept is not None:
                 self._kept.append(kept)
         self._next_row = start + rows
@@ -118,7 +126,8 @@ class LayerReduction:
         self._check_complete()
         sums = {name: torch.cat([layer[name] for layer in self._sums]).float()
                 for name in self._sums[0]}
-        return finish_statistics(sums, self.flags.valid, self.spec.causal, self.spec.has_sep)
+        return finish_statistics(sums, self.flags.valid, self.spec.causal, self.spec.has_sep,
+                                 self.spec.layer_windows)
 
     def kept(self) -> dict[str, np.ndarray] | None:
         """The kept weights' columns in (batch, layer, head, query, key) order, as

@@ -8,6 +8,7 @@ Writers: corpus jobs (local and Ray), the service's ``store``, ``ablate``, ``fac
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,9 +26,13 @@ from pipelines.models import ModelInfo
 from pipelines.text import punctuation as punctuation_rules
 from pipelines.version import STATS_VERSION, __version__
 
-#: The model fields a corpus dataset records.
+#: The model fields a corpus dataset records: ``num_kv_heads`` (grouped-query attention:
+#: query head h reads key/value head h // (num_heads / num_kv_heads)), ``layer_windows`` (each
+#: layer's sliding window, null for full attention) and ``gguf`` (the GGUF file the weights
+#: came from: path, sha256, quantisation; null for other weights).
 DATASET_MODEL_FIELDS = ("name", "path", "family", "model_type", "config_hash", "num_layers",
-                        "num_heads", "max_length", "causal")
+                        "num_heads", "max_length", "causal", "num_kv_heads", "layer_windows",
+                        "gguf")
 
 
 def created_now() -> str:
@@ -54,7 +59,18 @@ def model_entry(info: ModelInfo, fields: Sequence[str] | None = DATASET_MODEL_FI
                 **extra: object) -> dict:
     """``info``'s ``fields`` (None: all of them) and any ``extra`` facts, for the manifest."""
     names = fields if fields is not None else info.__dataclass_fields__
-    return {**{name: getattr(info, name) for name in names}, **extra}
+    return {**{name: _model_value(info, name) for name in names}, **extra}
+
+
+def _model_value(info: ModelInfo, name: str) -> object:
+    """One ModelInfo field as JSON: every layer's window, the GGUF facts as an object."""
+    if name == "layer_windows":
+        return [info.layer_window(layer) for layer in range(info.num_layers)]
+    if name == "num_kv_heads":
+        return info.key_value_heads
+    if name == "gguf":
+        return dataclasses.asdict(info.gguf) if info.gguf is not None else None
+    return getattr(info, name)
 
 
 def statistics_entry(punctuation: str, entropy_epsilon: float,

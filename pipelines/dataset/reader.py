@@ -72,7 +72,23 @@ class Dataset:
 
     def head_stats(self, **equals: object) -> pd.DataFrame:
         """Per-head statistics, e.g. ``ds.head_stats(layer=3)``."""
-        return self.table("head_stats", filters=_equals(equals))
+        return self.table("head_stats", filters=_equals(equals) or None)
+
+    def heads(self) -> pd.DataFrame:
+        """One row per (layer, head) of the model: ``kv_head``, the key/value head it reads
+        (grouped-query attention; equal to ``head`` without it), and ``window``, its
+        layer's sliding window (NA for full attention). Merge it on ("layer", "head") to
+        group statistics, e.g. ``ds.head_stats().merge(ds.heads()).groupby(["layer",
+        "kv_head"])``. Datasets written before these were recorded read as full attention
+        without grouping."""
+        model = self.manifest.get("model", {})
+        layers, heads = int(model["num_layers"]), int(model["num_heads"])
+        group = heads // int(model.get("num_kv_heads") or heads)
+        windows = model.get("layer_windows") or [None] * layers
+        layer, head = np.divmod(np.arange(layers * heads, dtype=np.int32), heads)
+        return pd.DataFrame({
+            "layer": layer, "head": head, "kv_head": (head // group).astype(np.int32),
+            "window": pd.array([windows[i] for i in layer], dtype="Int32")})
 
     def tokens(self, doc_id: str, window: int = 0) -> pd.DataFrame:
         return self.table("tokens", filters=[("doc_id", "==", doc_id), ("window", "==", window)])

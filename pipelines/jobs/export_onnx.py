@@ -154,6 +154,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} is not an ONNX export of headscope; refusing to replace it")
 
 
+#: ``ModelInfo.family`` values whose export is verified (bidirectional encoders, GPT-2).
+EXPORT_FAMILIES = frozenset({"bert", "gpt2"})
+
+
 def export_onnx(model: str, out: str | Path, hidden_states: bool = False,
                 opset: int = DEFAULT_OPSET, overwrite: bool = False,
                 allow_download: bool = False) -> dict:
@@ -162,6 +166,10 @@ def export_onnx(model: str, out: str | Path, hidden_states: bool = False,
     _check_out(out, overwrite)
     loaded = models.load(model, torch.device("cpu"), torch.float32, allow_download)
     info, tokenizer = loaded.info, loaded.tokenizer
+    if info.family not in EXPORT_FAMILIES:
+        raise ExportError(f"model {model!r} ({info.model_type}): ONNX export covers the "
+                          f"BERT and GPT-2 families; run {info.model_type} models with the "
+                          "torch backend")
     names = GraphNames.for_model(info, hidden_states)
     module = _AttentionGraph(loaded.model, names).eval()
     batches = sample_batches(tokenizer, info)

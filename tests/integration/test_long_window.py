@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import build_gpt2_folder
+from float64_stats import float64_statistics
 from tolerances import STAT_ATOL
 
 from pipelines.analysis.batch import attention_block_rows
@@ -65,34 +66,6 @@ def long_text() -> str:
     return " ".join(p["text"] for p in paragraphs()[:200])
 
 
-def float64_statistics(a: np.ndarray, is_special: np.ndarray,
-                       is_punct: np.ndarray) -> dict[str, float]:
-    """docs/statistics.md for one causal head, [n, n] float64, vectorised NumPy."""
-    n = a.shape[0]
-    i, j = np.indices((n, n))
-    k_i = np.arange(1, n + 1)
-    logs = np.log(np.where(a > 0, a, 1.0))
-    entropy = -(a * logs).sum(1)
-    descending = -np.sort(-a, axis=1)
-    k90 = np.minimum((np.cumsum(descending, axis=1) < 0.9).sum(1) + 1, k_i)
-    band = np.abs(i - j) <= LOCAL_WINDOW
-    return {
-        "entropy": entropy.mean(),
-        "entropy_norm": (entropy[1:] / np.log(k_i[1:])).mean(),
-        "max_weight": a.max(1).mean(),
-        "mass_self": np.diagonal(a).mean(),
-        "mass_prev": np.concatenate([[0.0], np.diagonal(a, -1)]).mean(),
-        "mass_next": np.concatenate([np.diagonal(a, 1), [0.0]]).mean(),
-        "mass_first": a[:, 0].mean(),
-        "mass_special": a[:, is_special].sum(1).mean(),
-        "mass_punct": a[:, is_punct].sum(1).mean(),
-        "mean_distance": (a * np.abs(i - j)).sum(1).mean(),
-        "mass_window": (a * band).sum(1).mean(),
-        "mass_sparse": (a * (band | is_special[None, :])).sum(1).mean(),
-        "k90": k90.mean(),
-    }
-
-
 def reference_heads(model: Path) -> dict[tuple[int, int], dict[str, float]]:
     """Float64 statistics of the checked heads, from the queries and keys the model
     projects for the window (captured from a forward pass)."""
@@ -117,7 +90,8 @@ def reference_heads(model: Path) -> dict[tuple[int, int], dict[str, float]]:
         a = np.exp(scores - scores.max(1, keepdims=True))
         a /= a.sum(1, keepdims=True)
         out[(layer, head)] = float64_statistics(a, np.asarray(window.is_special, bool),
-                                                np.asarray(window.is_punct, bool))
+                                                np.asarray(window.is_punct, bool), True,
+                                                LOCAL_WINDOW)
     return out
 
 

@@ -67,7 +67,7 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
                               "head ablation needs the PyTorch model it was exported from")
     tokenizer = models.load_fast_tokenizer(name, source, common)
     options = {"attn_implementation": HEAD_MASK_ATTENTION, "dtype": torch_dtype, **common}
-    causal = config.model_type in models.CAUSAL_TYPES
+    causal = models.is_causal(config)
     objective: str | None
     head_class, objective = ((AutoModelForCausalLM, "lm_loss") if causal
                              else (AutoModelForMaskedLM, "mlm_loss"))
@@ -90,7 +90,7 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
         objective = None
     assert model is not None  # loaded with its head, or without it when the head is missing
     model.eval().to(torch_device)
-    info = models.describe_torch(name, source, config, tokenizer, model)
+    info = models.describe_torch(name, source, config, tokenizer, model, common)
     log.info("loaded %s for head ablation (%s, objective %s) on %s", name,
              type(model).__name__, objective, torch_device)
     return AblationModel(info=info, tokenizer=tokenizer, model=model, device=torch_device,

@@ -17,10 +17,15 @@ from pipelines.backends.base import (
 from pipelines.backends.batching import Batch
 from pipelines.backends.head_mask import HeadMask
 from pipelines.backends.torch import hooks
+from pipelines.compute.stats import keys_visible
 
 
 class EmptyAttentionError(RuntimeError):
     """The model returned no attention probabilities (e.g. an SDPA/flash implementation)."""
+
+
+class MaskMismatchError(RuntimeError):
+    """A layer's attention mask lets queries see other keys than ``ModelInfo`` describes."""
 
 
 class TorchBackend:
@@ -61,17 +66,24 @@ class TorchBackend:
     def layers(self, batch: Batch, sink: LayerSink, block_rows: int | None = None) -> None:
         """Run the forward pass; each attention call hands its layer's probabilities to
         ``sink`` as it forms them, whole or ``block_rows`` query rows at a time (see
-        :meth:`Backend.layers` and ``hooks.blocked_attention``)."""
+        :meth:`Backend.layers` and ``hooks.blocked_attention``). Each block's attention mask
+        is checked against the keys ``ModelInfo`` says the layer's queries see
+        (:class:`MaskMismatchError` otherwise)."""
         batch = batch.to(self.device)
         valid_keys = batch.valid[:, None, None, :]  # [B, 1, 1, S]
         length = batch.input_ids.shape[1]
+        by_window = {window: keys_visible(batch.valid, self.info.causal, window).long()
+                     for window in set(self.info.layer_windows or (None,))}  # each [B, S]
         layer = 0
 
-        def take(start: int, probs: torch.Tensor) -> None:  # [B, H, Q, S], model dtype
-            nonlocal layer
+        def take(start: int, probs: torch.Tensor, visible: torch.Tensor) -> None:
+            nonlocal layer  # probs [B, H, Q, S] in the model's dtype, visible [B or 1, Q]
+            rows = probs.shape[-2]
+            want = by_window[self.info.layer_window(layer)][:, start:start + rows]
+            self._check_mask(layer, start, visible, want, batch.valid[:, start:start + rows])
             probs = probs.float()  # the same tensor when it is float32 already
             sink(layer, start, probs.mul_(valid_keys))  # exact zeros on padded keys
-            if start + probs.shape[-2] == length:
+            if start + rows == length:
                 layer += 1
 
         with hooks.layer_sink(hooks.AttentionSink(take, block_rows)):
@@ -81,6 +93,21 @@ class TorchBackend:
                 f"model {self.info.name!r} ran {layer} attention calls for "
                 f"{self.info.num_layers} layers; its attention must go through "
                 "transformers' AttentionInterface")
+
+    def _check_mask(self, layer: int, start: int, visible: torch.Tensor, want: torch.Tensor,
+                    valid_rows: torch.Tensor) -> None:
+        """MaskMismatchError unless every valid query row saw as many keys as expected."""
+        wrong = (visible.expand_as(want) != want) & valid_rows
+        if bool(wrong.any()):
+            b, q = (int(i) for i in wrong.nonzero()[0])
+            window = self.info.layer_window(layer)
+            raise MaskMismatchError(
+                f"model {self.info.name!r}, layer {layer}: its attention mask lets query "
+                f"{start + q} of window {b} see {int(visible.expand_as(want)[b, q])} keys, "
+                f"but headscope expects {int(want[b, q])} ("
+                f"{'causal' if self.info.causal else 'bidirectional'}"
+                f"{f', sliding window {window}' if window else ''}); the model's config does "
+                "not describe the mask it applies, so its statistics would be wrong")
 
     def attentions(self, batch: Batch) -> torch.Tensor:
         """[L, B, H, S, S] float32, zeros on padded keys: every layer, stacked."""

@@ -57,15 +57,30 @@ _QK_SINK: ContextVar[list[QueryKey] | None] = ContextVar("headscope_qk_sink", de
 class AttentionSink:
     """Where attention calls send their probabilities, and in how many query rows at a time.
 
-    ``take(start, probs)`` receives [B, H, Q, Sk]: query rows ``start`` .. ``start`` + Q - 1
-    of the layer (after head masking), in order; a layer ends with its last row. With
+    ``take(start, probs, visible)`` receives [B, H, Q, Sk]: query rows ``start`` ..
+    ``start`` + Q - 1 of the layer (after head masking), in order, and ``visible`` [B, Q],
+    the number of keys the layer's attention mask let each of those rows see
+    (:func:`mask_visible_keys`); a layer ends with its last row. With
     ``block_rows`` None (or at least Sq) the model family's own eager attention runs and the
     whole layer comes at once (Q = Sq); otherwise :func:`blocked_attention` computes the
     layer ``block_rows`` query rows at a time, so no [B, H, Sq, Sk] tensor exists.
     """
 
-    take: Callable[[int, torch.Tensor], None]
+    take: Callable[[int, torch.Tensor, torch.Tensor], None]
     block_rows: int | None = None
+
+
+def mask_visible_keys(attention_mask: torch.Tensor | None, start: int, rows: int,
+                      keys: int, device: torch.device) -> torch.Tensor:
+    """[B or 1, Q] int: how many keys each query row ``start`` .. ``start`` + Q - 1 may see
+    under the additive mask the model passed to its attention ([B, 1, Sq, Sk]: 0 where a key
+    is visible, the dtype's minimum where not; None: every key)."""
+    if attention_mask is None:
+        return torch.full((1, rows), keys, dtype=torch.long, device=device)
+    block = attention_mask[:, 0, start:start + rows, :keys]
+    if block.dtype == torch.bool:
+        return block.sum(-1)
+    return (block > torch.finfo(block.dtype).min / 2).sum(-1)
 
 
 #: While set, every attention call passes its probabilities to this sink.
@@ -122,7 +137,8 @@ def _head_masked_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         context = context * keep.to(context)[None, None, :, None]  # [B, Sq, H, d]
         probs = probs * keep.to(probs)[None, :, None, None]  # [B, H, Sq, Sk]
     if layer_sink is not None:
-        layer_sink.take(0, probs)
+        layer_sink.take(0, probs, mask_visible_keys(attention_mask, 0, probs.shape[-2],
+                                                    probs.shape[-1], probs.device))
     return context, probs
 
 
@@ -175,7 +191,9 @@ def blocked_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if keep is not None:
             probs = probs * keep.to(probs)[None, :, None, None]
         context[:, :, start:stop] = torch.matmul(probs, value)
-        sink.take(start, probs)  # after its use here: the sink may change it in place
+        # after its use here: the sink may change it in place
+        sink.take(start, probs, mask_visible_keys(attention_mask, start, stop - start, keys,
+                                                  probs.device))
     return context.transpose(1, 2).contiguous()
 
 

@@ -32,7 +32,7 @@ from pipelines.backends.torch.hooks import (
     enable_head_masking,
 )
 from pipelines.config import ConfigError, WindowConfig
-from pipelines.models import SUPPORTED_TYPES, resolve
+from pipelines.models import resolve
 from pipelines.text.tokenize import Document, Window, Windower
 
 LAYER, HEAD = 1, 2
@@ -286,7 +286,14 @@ def test_disabled_heads_needs_the_masking_attention(eager_minilm: torch.nn.Modul
     assert eager_minilm.config._attn_implementation == "eager"  # the copy was switched
 
 
-@pytest.mark.parametrize("model_type", [*sorted(SUPPORTED_TYPES), "gpt2-upcast"])
+#: Encoders, GPT-2, and decoders whose attention goes through the AttentionInterface (with
+#: grouped-query attention where the family has it).
+ARCHITECTURES = ("albert", "bert", "camembert", "distilbert", "electra", "roberta",
+                 "xlm-roberta", "gpt2", "gemma2", "gemma3_text", "llama", "mistral", "phi3",
+                 "qwen2", "qwen3")
+
+
+@pytest.mark.parametrize("model_type", [*ARCHITECTURES, "gpt2-upcast"])
 @torch.inference_mode()
 def test_every_supported_architecture(model_type: str) -> None:
     """Tiny random models of every supported type: unmasked = eager, a disabled head is 0."""
@@ -295,6 +302,9 @@ def test_every_supported_architecture(model_type: str) -> None:
              "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64}
     if model_type == "albert":  # one layer's weights shared by all layers
         sizes["embedding_size"] = 16
+    if model_type in ("gemma2", "gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3"):
+        sizes |= {"num_key_value_heads": 2, "head_dim": 8,  # two query heads per kv head
+                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if model_type == "gpt2-upcast":  # GPT-2's alternative eager path
         model_type, sizes["reorder_and_upcast_attn"] = "gpt2", True
     config = AutoConfig.for_model(model_type, **sizes)
