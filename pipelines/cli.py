@@ -255,6 +255,59 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser(
+        "compare", help="how two models that share a tokenizer differ, head by head",
+        description="Run models A and B (e.g. a pre-trained model and its fine-tune, "
+                    "Kovaleva et al. 2019) on the same windows and write, per window × layer "
+                    "× head, the cosine similarity and Jensen–Shannon distance of their "
+                    "attention maps and every statistic's difference B − A (head_compare), "
+                    "and their means per head (head_compare_summary).")
+    _add_input_options(compare)
+    compare.add_argument("--model", action="append", required=True, metavar="MODEL",
+                         help=f"give it twice: A, then B; a registry name ({', '.join(REGISTRY)})"
+                              " or a local folder. Both must share a tokenizer, layer and head "
+                              "counts and attention layout")
+    compare.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    compare.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    compare.add_argument("--batch-tokens", type=int, default=8192,
+                         help="padded tokens per forward pass (default 8192)")
+    compare.add_argument("--memory-budget", default="2GiB", metavar="SIZE",
+                         help="working memory beyond the models, e.g. 4GiB; a batch holds "
+                              "model A's every layer (default 2GiB)")
+    compare.add_argument("--local-window", type=int, default=2,
+                         help="half-width w for mass_window and mass_sparse (default 2)")
+    compare.add_argument("--punctuation", default=DEFAULT_RULE, choices=list(RULES),
+                         help="keys mass_punct counts, as for run (default unicode)")
+    compare.add_argument("--entropy-epsilon", default="0", metavar="E",
+                         help="entropy smoothing, as for run (default 0)")
+    compare.add_argument("--overwrite", action="store_true", help="replace the folder in --out")
+    compare.add_argument("--allow-download", action="store_true",
+                         help="allow fetching a --model from a model hub (off: local only)")
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compare.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pipelines.jobs.compare import TABLE, CompareConfig, compare
+
+    if len(args.model) != 2:
+        raise ConfigError(f"--model: give exactly two models, A then B (got {len(args.model)})")
+    if args.batch_tokens < 1:
+        raise ConfigError("--batch-tokens must be a positive integer")
+    windows = dataclasses.replace(_window_config(args), punctuation=args.punctuation)
+    config = CompareConfig(models=(args.model[0], args.model[1]), windows=windows,
+                           device=args.device, batch_tokens=args.batch_tokens,
+                           local_window=args.local_window,
+                           entropy_epsilon=parse_entropy_epsilon(args.entropy_epsilon),
+                           memory_budget=_memory_budget(args.memory_budget),
+                           allow_download=args.allow_download)
+    out = compare(args.inputs, args.out, config, _columns(args), args.overwrite,
+                  progress=not args.no_progress)
+    print(f"wrote {out}/{TABLE} and its per-head means")
+    return 0
+
+
 def _add_view(sub: argparse._SubParsersAction) -> None:
     view = sub.add_parser(
         "view", help="write the attention views of one document as a self-contained HTML file",
@@ -444,6 +497,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_export(sub)
     _add_ablate(sub)
+    _add_compare(sub)
     _add_view(sub)
     _add_plot(sub)
     _add_factors(sub)

@@ -13,6 +13,8 @@ ABLATION_FORMAT = "headscope-ablation/2"
 FACTORS_FORMAT = "headscope-factors/1"
 #: ``headscope factors apply`` output: factor codes of a corpus (2: signed integer columns).
 FACTOR_CODES_FORMAT = "headscope-factor-codes/2"
+#: ``headscope compare`` output: how two models' heads differ on the same windows.
+COMPARE_FORMAT = "headscope-compare/1"
 #: The earlier formats of those folders, whose integer columns were unsigned, each with the
 #: format it reads as: the reader casts their columns (``schema.signed_schema``); no job
 #: resumes or appends to one.

@@ -2,8 +2,8 @@
 
 A manifest opens with the same header (format, tool version, creation time, status), describes
 its model the same way, and hashes what must match for ``--resume`` with :func:`job_key`.
-Writers: corpus jobs (local and Ray), the service's ``store``, ``ablate``, ``factors train`` and
-``factors apply``, and ``export-onnx``.
+Writers: corpus jobs (local and Ray), the service's ``store``, ``ablate``, ``compare``,
+``factors train`` and ``factors apply``, and ``export-onnx``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pipelines.compute.stats import DEFINITIONS, K90_MASS, clark_relation
 from pipelines.dataset.formats import (  # noqa: F401  (the writers import them from here)
     ABLATION_FORMAT,
+    COMPARE_FORMAT,
     DATASET_FORMAT,
     FACTOR_CODES_FORMAT,
     FACTORS_FORMAT,

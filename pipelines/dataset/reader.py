@@ -24,6 +24,7 @@ import pyarrow.dataset as pads
 
 from pipelines.dataset.formats import (
     ABLATION_FORMAT,
+    COMPARE_FORMAT,
     DATASET_FORMAT,
     FACTOR_CODES_FORMAT,
     UNSIGNED_FORMATS,
@@ -32,7 +33,7 @@ from pipelines.dataset.schema import signed_schema
 from pipelines.version import __version__
 
 #: The formats whose tables read as they are stored.
-CURRENT_FORMATS = (DATASET_FORMAT, ABLATION_FORMAT, FACTOR_CODES_FORMAT)
+CURRENT_FORMATS = (DATASET_FORMAT, ABLATION_FORMAT, FACTOR_CODES_FORMAT, COMPARE_FORMAT)
 
 
 @dataclass

@@ -86,6 +86,20 @@ HEAD_SUMMARY = pa.schema(
 )
 
 
+#: ``headscope compare`` (``pipelines.jobs.compare``): per window × layer × head, how far
+#: models A and B are apart: the maps' cosine and mean JS distance (float64, as computed),
+#: each statistic's difference B − A (float64: exact for two float32 values) and both values.
+HEAD_COMPARE = pa.schema(
+    KEY_FIELDS + [("n_tokens", INDEX), ("cosine", pa.float64()), ("js_distance", pa.float64())]
+    + [(f"{name}_diff", pa.float64()) for name in STAT_NAMES]
+    + [(f"{name}_{model}", pa.float32()) for model in ("a", "b") for name in STAT_NAMES]
+)
+#: Per (layer, head): the mean over windows of each of ``HEAD_COMPARE``'s measures.
+COMPARE_MEASURES = ("cosine", "js_distance", *(f"{name}_diff" for name in STAT_NAMES))
+HEAD_COMPARE_SUMMARY = pa.schema(
+    SUMMARY_FIELDS + [(f"{name}_mean", pa.float64()) for name in COMPARE_MEASURES])
+
+
 _PAIR = [("layer_a", INDEX), ("head_a", INDEX), ("layer_b", INDEX), ("head_b", INDEX)]
 HEAD_SIMILARITY = pa.schema(_PAIR + [("js_distance", pa.float32()), ("n_rows", pa.int64())])
 HEAD_COORDS = pa.schema([("layer", INDEX), ("head", INDEX), ("x", pa.float32()),

@@ -11,7 +11,8 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = {"run", "export-onnx", "ablate", "view", "plot", "factors", "models", "demo", "serve"}
+EXPECTED = {"run", "export-onnx", "ablate", "compare", "view", "plot", "factors", "models",
+            "demo", "serve"}
 
 
 def subcommands(command: list[str]) -> set[str]:
