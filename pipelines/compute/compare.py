@@ -4,7 +4,8 @@ After Kovaleva et al. (2019, "Revealing the dark secrets of BERT", §5: how fine
 changes the attention of each head), for one window and one (layer, head) of models A and B:
 
 - ``cosine``: the cosine similarity of the two maps over the cells a query may see (valid
-  query rows × valid keys, and keys <= query in a causal model), the cells flattened:
+  query rows × valid keys, keys <= query in a causal model, within a sliding-window layer's
+  window), the cells flattened:
   dot / sqrt(|a|² |b|²), in float64.
 - ``js_distance``: the Jensen–Shannon distance (natural log, so 0 .. sqrt(ln 2)) between the
   two rows of each valid query, each row divided by its sum first, averaged over the valid
@@ -23,25 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipelines.compute.kept import visible_pairs
+
 #: Bytes of temporaries per cell (B × H × query rows × S) of a chunk of the comparison: about
 #: ten float64 copies alive at once (both maps, both rows' distributions, their mean and the
 #: divergence's products).
 CELL_TEMPORARY_BYTES = 80
 #: Cells of one chunk unless told otherwise: 2**20 cells peak near 80 MiB.
 CHUNK_CELLS = 2**20
-
-
-def visible_keys(valid: torch.Tensor, causal: bool, start: int = 0,
-                 rows: int | None = None) -> torch.Tensor:
-    """[B, Q, S] bool: the cells query rows ``start`` .. ``start`` + Q - 1 may see: valid
-    query × valid key, and key <= query when ``causal``. ``valid`` is [B, S] bool."""
-    stop = valid.shape[-1] if rows is None else start + rows
-    cells = valid[:, start:stop, None] & valid[:, None, :]  # [B, Q, S]
-    if causal:
-        queries = torch.arange(start, stop, device=valid.device)
-        keys = torch.arange(valid.shape[-1], device=valid.device)
-        cells = cells & (keys[None, :] <= queries[:, None])[None]
-    return cells
 
 
 def row_js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -61,14 +51,17 @@ class MapAgreement:
     """Cosine similarity and mean JS distance of two models' maps for one padded batch,
     fed layer by layer (either model's query rows in any blocks, in order).
 
-    ``valid`` [B, S] bool describes the batch's windows; ``causal`` the models' layout.
-    Keeps only [L, B, H] float64 sums: dot, |a|², |b|², and the rows' distances.
+    ``valid`` [B, S] bool describes the batch's windows; ``causal`` the models' layout and
+    ``layer_windows`` each layer's sliding window (``ModelInfo.layer_windows``): the cells
+    compared are those ``kept.visible_pairs`` lets a query see. Keeps only [L, B, H] float64
+    sums: dot, |a|², |b|², and the rows' distances.
     """
 
     num_layers: int
     valid: torch.Tensor
     causal: bool
     chunk_cells: int = CHUNK_CELLS
+    layer_windows: tuple[int | None, ...] = ()
     _sums: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per layer, [B, H]
     _next_row: int = 0
 
@@ -85,7 +78,9 @@ class MapAgreement:
         step = max(1, min(rows, self.chunk_cells // max(1, size * heads * length)))
         for offset in range(0, rows, step):
             first, count = start + offset, min(step, rows - offset)
-            cells = visible_keys(self.valid, self.causal, first, count)[:, None]  # [B,1,Q,S]
+            window = self.layer_windows[layer] if self.layer_windows else None
+            cells = visible_pairs(self.valid, self.causal, first, count,
+                                  window)[:, None]  # [B, 1, Q, S]
             zero = torch.zeros((), dtype=torch.float64, device=a.device)
             x = torch.where(cells, a[:, :, offset:offset + count].double(), zero)
             y = torch.where(cells, b[:, :, offset:offset + count].double(), zero)

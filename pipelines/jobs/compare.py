@@ -127,7 +127,8 @@ class CompareConfig:
 
 def check_compatible(a: Backend, b: Backend) -> None:
     """A ModelError naming every difference that makes two models incomparable: their
-    vocabularies, layer or head counts, or attention layout (causal or bidirectional)."""
+    vocabularies, layer or head counts, or attention layout (causal or bidirectional, and
+    each layer's sliding window)."""
     first, second = a.info, b.info
     problems = []
     vocab_a, vocab_b = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
@@ -142,6 +143,8 @@ def check_compatible(a: Backend, b: Backend) -> None:
         problems.append(f"{first.num_heads} vs {second.num_heads} heads per layer")
     if first.causal != second.causal:
         problems.append(f"{_layout(first)} vs {_layout(second)} attention")
+    if first.layer_windows != second.layer_windows:
+        problems.append("other sliding windows per layer")
     if problems:
         raise ModelError(f"cannot compare {first.name!r} with {second.name!r}: "
                          f"{'; '.join(problems)}")
@@ -201,7 +204,8 @@ def compare_batch(a: Backend, b: Backend, batch: Batch, config: CompareConfig) -
                        device=a.device)
     # its chunks take the reduction's share of the budget (the two never run at once)
     chunk = MemoryBudget(config.memory_budget).reduction_bytes // CELL_TEMPORARY_BYTES
-    agreement = MapAgreement(info.num_layers, batch.valid, info.causal, max(1, chunk))
+    agreement = MapAgreement(info.num_layers, batch.valid, info.causal, max(1, chunk),
+                             info.layer_windows)
 
     def take_a(layer: int, start: int, probs: torch.Tensor) -> None:  # [B, H, Q, S]
         held[layer, :, :, start:start + probs.shape[-2]] = probs

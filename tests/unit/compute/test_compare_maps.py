@@ -12,7 +12,8 @@ import pytest
 import torch
 from tolerances import EPS64
 
-from pipelines.compute.compare import MapAgreement, map_agreement, row_js_distance, visible_keys
+from pipelines.compute.compare import MapAgreement, map_agreement, row_js_distance
+from pipelines.compute.kept import visible_pairs
 
 #: Float64 against float64 summed in another order: a sum of m terms of size <= 1 moves by at
 #: most m·eps64 (here m <= 7² cells per head), so cosine (three such sums) by ~3·49·eps64 ≈
@@ -122,23 +123,12 @@ def test_cells_a_query_cannot_see_are_ignored(causal: bool) -> None:
     """Maps that differ only on padded rows and keys (and future keys) compare as equal."""
     a, valid = random_maps(LENGTHS, causal, seed=6)
     b = a.clone()
-    hidden = ~visible_keys(valid, causal)[None, :, None]  # [1, B, 1, S, S]
+    hidden = ~visible_pairs(valid, causal)[None, :, None]  # [1, B, 1, S, S]
     b = torch.where(hidden, torch.rand(b.shape, generator=torch.Generator().manual_seed(7)), b)
     assert (b != a).any()
     cosine, distance = map_agreement(a, b, valid, causal)
     # bitwise: the visible cells are the same values (as in the test above)
     assert (cosine == 1.0).all() and (distance == 0.0).all()
-
-
-def test_visible_keys_of_a_padded_causal_batch() -> None:
-    valid = torch.tensor([[True, True, True], [True, True, False]])
-    got = visible_keys(valid, causal=True)
-    want = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 1]],
-                         [[1, 0, 0], [1, 1, 0], [0, 0, 0]]], dtype=torch.bool)
-    assert torch.equal(got, want)
-    assert torch.equal(visible_keys(valid, causal=False)[1],
-                       torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool))
-    assert torch.equal(visible_keys(valid, causal=True, start=1, rows=2), want[:, 1:])
 
 
 def one_head(rows: list[list[float]]) -> torch.Tensor:

@@ -12,8 +12,8 @@ from conftest import SAMPLE_TEXTS
 
 from pipelines.backends.batching import collate
 from pipelines.backends.torch.backend import TorchBackend
-from pipelines.compute.kept import kept_weights
-from pipelines.compute.stats import row_order
+from pipelines.compute.kept import kept_weights, visible_pairs
+from pipelines.compute.stats import keys_visible, row_order
 from pipelines.config import AttentionMode, WindowConfig
 from pipelines.text.tokenize import Document, Windower
 
@@ -178,3 +178,35 @@ def test_topk_with_exact_ties_keeps_k_per_row(k: int) -> None:
         # exact: a selection of the same float32 weights
         np.testing.assert_array_equal([w for w, _ in kept_row], np.sort(weights)[::-1][:k])
         assert all(weight == weights[key] for weight, key in kept_row), "weight of another key"
+
+
+# ------------------------------------------------------------------ sliding-window layers
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 2, 3, 9])
+def test_visible_pairs_and_keys_visible_follow_the_window(causal: bool,
+                                                          window: int | None) -> None:
+    """Against the rule written cell by cell: query i sees valid key j when j <= i (causal)
+    and |i - j| < w (a window w); k_i counts those keys."""
+    lengths = [7, 4]
+    valid = torch.tensor([[True] * n + [False] * (7 - n) for n in lengths])
+    want = np.zeros((2, 7, 7), dtype=bool)
+    for b, n in enumerate(lengths):
+        for i in range(n):
+            for j in range(n):
+                want[b, i, j] = (j <= i or not causal) and (window is None or abs(i - j) < window)
+    assert np.array_equal(visible_pairs(valid, causal, window=window).numpy(), want)
+    assert np.array_equal(visible_pairs(valid, causal, 2, 3, window).numpy(), want[:, 2:5])
+    assert np.array_equal(keys_visible(valid, causal, window).numpy(), want.sum(-1))
+
+
+def test_topk_keeps_no_key_beyond_the_window() -> None:
+    """A uniform map over every key (as if the mask let all through) keeps only the keys
+    inside the window: min(k, k_i) per row, all within it."""
+    valid = torch.ones((1, 10), dtype=torch.bool)
+    attn = torch.full((1, 1, 1, 10, 10), 0.1)
+    mode = AttentionMode("topk", k=4)
+    kept = kept_weights(attn, valid, True, mode, row_order(attn, 4).kth_largest, window=3)
+    assert kept is not None
+    assert ((kept["query"] - kept["key"] < 3) & (kept["key"] <= kept["query"])).all()
+    assert len(kept["query"]) == sum(min(4, i + 1, 3) for i in range(10))
