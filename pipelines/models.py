@@ -15,6 +15,7 @@ layer lets a query see (sliding windows), is read from its config (:func:`is_cau
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -140,6 +141,17 @@ class ModelInfo:
     def layer_window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it sees every key its mask allows)."""
         return self.layer_windows[layer] if self.layer_windows else None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (the service sends them from a worker to the ingress)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelInfo:
+        """The inverse of :meth:`to_dict`."""
+        gguf = data.get("gguf")
+        return cls(**{**data, "layer_windows": tuple(data.get("layer_windows") or ()),
+                      "gguf": GGUFFacts(**gguf) if gguf is not None else None})
 
 
 @dataclass

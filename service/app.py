@@ -267,7 +267,7 @@ class Ingress:
                 description = await handle.describe.remote()
                 runtime = description.pop("runtime")
                 capabilities = frozenset(map(Capability, description.pop("capabilities")))
-                info = ModelInfo(**description)
+                info = ModelInfo.from_dict(description)
                 tokenizer = await asyncio.to_thread(load_tokenizer, info.path)
                 reservation = Reservation(self._capacity(name), self.config.ingress.retry_after_s)
                 self.models[name] = ModelState(handle, info, runtime, tokenizer, capabilities,
@@ -299,7 +299,9 @@ class Ingress:
                 name=name, model=configured.model, family=info.family,
                 model_type=info.model_type, num_layers=info.num_layers,
                 num_heads=info.num_heads, max_length=info.max_length,
-                config_hash=info.config_hash, runtime=state.runtime))
+                config_hash=info.config_hash, runtime=state.runtime, causal=info.causal,
+                num_kv_heads=info.key_value_heads,
+                layer_windows=[info.layer_window(i) for i in range(info.num_layers)]))
         return out
 
     @app.post("/v1/attention", dependencies=BEARER,

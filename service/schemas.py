@@ -257,3 +257,8 @@ class ModelDescription(BaseModel):
     max_length: int
     config_hash: str
     runtime: dict
+    causal: bool
+    #: key/value heads per layer (grouped-query attention: fewer than num_heads)
+    num_kv_heads: int
+    #: each layer's sliding window, null where a layer sees every key
+    layer_windows: list[int | None]

@@ -132,7 +132,7 @@ class ModelWorker:
 
     def describe(self) -> dict:
         """The model's facts, the runtime's (as a manifest records them) and its capabilities."""
-        info = dataclasses.asdict(self.backend.info)
+        info = self.backend.info.to_dict()
         capabilities = sorted(c.value for c in self.backend.capabilities)
         return {**info, "runtime": self.backend.describe(), "capabilities": capabilities}
 

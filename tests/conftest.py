@@ -104,6 +104,32 @@ def build_sentencepiece_tokenizer():
                                    unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
 
+#: The test Gemma-3 decoder: local layers with a sliding window of 4 keys around a global one.
+GEMMA_WINDOW = 4
+GEMMA_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def build_gemma3_folder(folder: Path) -> Path:
+    """A seeded random Gemma-3-architecture decoder (3 layers, 4 query heads sharing one
+    key/value head, sliding windows of ``GEMMA_WINDOW`` keys in layers 0 and 2) with the
+    SentencePiece-style test tokenizer, which puts <s> before each text."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = build_sentencepiece_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(GPT2_SEED)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=GEMMA_WINDOW, layer_types=GEMMA_LAYER_TYPES,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.3)
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 #: How tests run the command line: the installed console script, else ``python -m pipelines``.
 SCRIPT = Path(sys.executable).parent / "headscope"
 CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "pipelines"]
@@ -171,6 +197,11 @@ needs_minilm = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_gpt2_folder(tmp_path_factory.mktemp("gpt2-random"))
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_gemma3_folder(tmp_path_factory.mktemp("gemma3-random"))
 
 
 @pytest.fixture(scope="session")

@@ -52,11 +52,14 @@ from pipelines.text.tokenize import Window
 
 def _qk_table(batch: Batch, captured: list[QueryKey]) -> tuple[pa.Table, np.ndarray]:
     """Every valid position's query and key vectors, per layer and head, and each row's batch
-    row. Rows in (batch row, layer, head, position) order."""
+    row. Rows in (batch row, layer, head, position) order; under grouped-query attention a
+    head's key is that of the key/value head it reads (``ModelInfo.kv_head``)."""
     query = torch.stack([q for q, _, _ in captured]).float()  # [L, B, H, S, d]
-    key = torch.stack([k for _, k, _ in captured]).float()  # [L, B, H, S, d]
+    key = torch.stack([k for _, k, _ in captured]).float()  # [L, B, H_kv, S, d]
     scale = np.array([s for _, _, s in captured], dtype=np.float32)  # [L]
     layers, _, heads, _, dim = query.shape
+    if key.shape[2] != heads:  # grouped-query attention: each query head's key/value head
+        key = key.repeat_interleave(heads // key.shape[2], dim=2)  # [L, B, H, S, d]
     lengths = batch.valid.sum(dim=1).tolist()  # [B]
     # per window: [L, H, n, d] flattened to (layer, head, position) rows
     queries = torch.cat([query[:, b, :, :n].reshape(-1, dim) for b, n in enumerate(lengths)])

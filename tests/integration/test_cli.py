@@ -82,6 +82,7 @@ FIRST_STAGE = {
     "no_model": ["{good}", "--out", "{tmp}/out-no-model", "--model", "{tmp}/no-such-model"],
     "no_tokenizer": ["{good}", "--out", "{tmp}/out-no-tok", "--model", "{no_tokenizer}"],
     "t5": ["{good}", "--out", "{tmp}/out-t5", "--model", "{t5}"],
+    "mpnet": ["{good}", "--out", "{tmp}/out-mpnet", "--model", "{mpnet}"],
     "unknown_type": ["{good}", "--out", "{tmp}/out-unknown", "--model", "{unknown_type}"],
     "out_is_file": ["{good}", "--out", "{out_file}"],
 }
@@ -121,6 +122,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     paths["empty"].write_bytes(b"")
     paths["no_tokenizer"] = model_folder(tmp / "no-tokenizer", {"model_type": "bert"}, False)
     paths["t5"] = model_folder(tmp / "t5-model", {"model_type": "t5"}, True)
+    paths["mpnet"] = model_folder(tmp / "mpnet-model", {"model_type": "mpnet"}, True)
     paths["unknown_type"] = model_folder(tmp / "odd-model", {"model_type": "not-a-model"}, True)
     paths["out_file"].write_text("I am a file, not a folder.\n", encoding="utf-8")
     paths["foreign"].mkdir()
@@ -174,7 +176,9 @@ ERRORS = {
     "foo": (["'foo'", "none, topk:K, threshold:T or full"], "out-foo"),
     "no_model": (["{tmp}/no-such-model", "--allow-download"], "out-no-model"),
     "no_tokenizer": (["{no_tokenizer}", "no tokenizer"], "out-no-tok"),
-    "t5": (["'t5'", "supports"], "out-t5"),
+    "t5": (["'t5'", "encoder-decoder"], "out-t5"),
+    # MPNet computes its attention (with a relative position bias) in its own module
+    "mpnet": (["'mpnet'", "AttentionInterface"], "out-mpnet"),
     "unknown_type": (["not-a-model"], "out-unknown"),
 }
 

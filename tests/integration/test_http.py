@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-test-token"
 #: An environment variable nobody sets, so only ``auth_token_file`` can switch auth on.
 UNSET_TOKEN_ENV = "HEADSCOPE_TEST_TOKEN_THAT_IS_NEVER_SET"
-PREFIXES = {"open": "", "secure": "/secure", "overload": "/overload", "onnx": "/onnx"}
+PREFIXES = {"open": "", "secure": "/secure", "overload": "/overload", "onnx": "/onnx",
+            "decoder": "/decoder"}
 SECURE_MODEL = "mini"
 LIMITS = {"max_inputs": 8, "max_characters": 5000, "max_tokens": 2000}
 WORKER = {"max_batch_size": 16, "batch_wait_timeout_s": 0.1, "num_cpus": 0.5}
@@ -89,9 +90,13 @@ class Service:
         wait_until_ready(self.address(app, ""))
 
 
-def app_configs(base: Path, token_file: Path, onnx_dir: Path) -> dict[str, dict]:
+def app_configs(base: Path, token_file: Path, onnx_dir: Path,
+                gemma_dir: Path) -> dict[str, dict]:
     common = {"auth_token_env": UNSET_TOKEN_ENV, "limits": LIMITS}
     return {
+        # a Gemma-3 decoder: grouped-query attention, sliding-window layers, a BOS token
+        "decoder": {**common, "dataset_root": str(base / "data-decoder"),
+                    "models": [{"name": "gemma", "model": str(gemma_dir), **WORKER}]},
         "onnx": {**common, "dataset_root": str(base / "data-onnx"),
                  "models": [{"name": "minilm", "model": str(onnx_dir), **WORKER,
                              "onnx": {"intra_op_threads": 1}}]},
@@ -111,8 +116,8 @@ def app_configs(base: Path, token_file: Path, onnx_dir: Path) -> dict[str, dict]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory,
-            minilm_onnx_dir: Path) -> Iterator[Service]:
+def service(tmp_path_factory: pytest.TempPathFactory, minilm_onnx_dir: Path,
+            gemma_dir: Path) -> Iterator[Service]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop(UNSET_TOKEN_ENV, None)
     import ray
@@ -123,10 +128,10 @@ def service(tmp_path_factory: pytest.TempPathFactory,
     base = tmp_path_factory.mktemp("service")
     token_file = base / "token"
     token_file.write_text(f"{TOKEN}\n")
-    configs = app_configs(base, token_file, minilm_onnx_dir)
+    configs = app_configs(base, token_file, minilm_onnx_dir, gemma_dir)
     # address="local": always a new cluster of our own, never someone else's.
-    # Three logical CPUs on two cores: four apps reserve 2.75 of them, and most replicas idle.
-    ray.init(address="local", num_cpus=3, object_store_memory=200 * 2**20,
+    # Four logical CPUs on two cores: five apps reserve 3.25 of them, and most replicas idle.
+    ray.init(address="local", num_cpus=4, object_store_memory=200 * 2**20,
              include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -207,6 +212,23 @@ def test_texts_equal_the_engine(service: Service, minilm: TorchBackend) -> None:
                         windows=WindowConfig(max_length=48, stride=8))
     assert max(row["n_windows"] for row in body["documents"]) > 2
     assert_same_tables(json_tables(body), want, "topk:4")
+
+
+def test_a_decoder_with_sliding_windows_equals_the_engine(service: Service,
+                                                          gemma_dir: Path) -> None:
+    """A Gemma-3 decoder served over HTTP gives the engine's tables, its own token text
+    (the BOS it adds included) and its model description (windows, key/value heads)."""
+    texts = [*SAMPLE_TEXTS, LONG_TEXT]
+    body = ok(service.post({"texts": texts, "attention": "topk:4"}, app="decoder"))
+    assert body["model"] == "gemma"
+    docs = http_docs(body, [{"text": t} for t in texts])
+    want = local_tables(TorchBackend(str(gemma_dir), device="cpu"), docs, "topk:4")
+    assert_same_tables(json_tables(body), want, "topk:4")
+    first = [row for row in body["tokens"] if row["doc_id"] == docs[0].doc_id]
+    assert [row["token"] for row in first[:3]] == ["<s>", "▁The", "▁cat"]
+    assert [row["surface"] for row in first[:3]] == ["<s>", "The", " cat"]
+    [model] = ok(service.get("/v1/models", app="decoder"))
+    assert (model["layer_windows"], model["num_kv_heads"]) == ([4, None, 4], 1)
 
 
 def test_inputs_with_ids_and_a_text_pair_equal_the_engine(service: Service,

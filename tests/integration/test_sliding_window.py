@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_sentencepiece_tokenizer, run_cli
+from conftest import GEMMA_LAYER_TYPES, GEMMA_WINDOW, run_cli
 from float64_stats import float64_statistics
 from tolerances import STAT_ATOL, STREAM_RTOL
 
@@ -28,31 +28,12 @@ from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.dataset.reader import Dataset
 from pipelines.text.tokenize import Document, Window, Windower
 
-WINDOW = 4
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
-SEED = 7
+WINDOW = GEMMA_WINDOW
+LAYER_TYPES = GEMMA_LAYER_TYPES
 TEXTS = ["The cat sat on the mat. It was happy!",
          "Attention is all you need, they said; was it, though?",
          "Short question?",
          "The cat was happy, they said. Is it all you need? It sat on the mat, though."]
-
-
-@pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    folder = tmp_path_factory.mktemp("gemma3-random")
-    tokenizer = build_sentencepiece_tokenizer()
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(SEED)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=WINDOW, layer_types=LAYER_TYPES, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, initializer_range=0.3)
-    Gemma3ForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +145,7 @@ def test_a_job_records_the_windows_and_keeps_no_weight_beyond_them(gemma_dir: Pa
                               for i, t in enumerate(TEXTS)))
     out = tmp_path / "out"
     done = run_cli("run", str(corpus), "--model", str(gemma_dir), "--attention", "full",
+                   "--capture-qk", "--analyses", "patterns,words,similarity",
                    "--out", str(out), "--no-progress")
     assert done.returncode == 0, done.error_lines() or done.stderr[-2000:]
     dataset = Dataset.open(out)
@@ -179,3 +161,15 @@ def test_a_job_records_the_windows_and_keeps_no_weight_beyond_them(gemma_dir: Pa
     per_layer = {layer: sum(sum(min(i + 1, WINDOW if layer != 1 else i + 1) for i in range(k))
                             for k in n) * 4 for layer in range(3)}
     assert kept.groupby("layer").size().to_dict() == per_layer  # every visible pair, no more
+    # one key/value head: every query head's captured key is that head's (bitwise: copies)
+    qk = dataset.table("qk")
+    keys = qk.groupby(["doc_id", "layer", "position"])["key"].agg(
+        lambda k: len({tuple(v) for v in k}))
+    assert (keys == 1).all() and qk["head"].nunique() == 4
+    for table in ("head_patterns", "word_attention", "head_similarity"):
+        assert len(dataset.table(table)) > 0, table
+    page = tmp_path / "d0.html"
+    shown = run_cli("view", str(out), "--doc", "d0", "--out", str(page))
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    html = page.read_text(encoding="utf-8")  # the tokens as the text spells them, BOS shown
+    assert "neuron view" in shown.stdout and '"\\u003cs>","The","cat","sat"' in html
