@@ -21,7 +21,8 @@ import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -392,10 +393,39 @@ def load_config(name: str, allow_download: bool = False) -> tuple[str, Pretraine
     return source, config, common
 
 
+#: Weights a checkpoint may lack without changing attention or hidden states (a pooler head
+#: that sentence encoders drop).
+OPTIONAL_WEIGHTS = ("pooler.",)
+
+
+def check_weights_complete(name: str, missing: Iterable[str]) -> None:
+    """ModelError when the checkpoint lacks weights the forward pass uses: transformers
+    would fill them with random values, and every statistic would be noise."""
+    absent = sorted(key for key in missing if not key.startswith(OPTIONAL_WEIGHTS))
+    if absent:
+        shown = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        raise ModelError(f"model {name!r}: the checkpoint has no weights for {shown}; "
+                         "transformers would initialise them at random")
+
+
+@contextmanager
+def loading_errors(name: str, source: str, common: dict) -> Iterator[None]:
+    """transformers' errors on unreadable files (a GGUF without tokenizer metadata, tensors
+    of the wrong shape, a truncated file) as one-line ModelErrors."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
+        where = Path(source) / common["gguf_file"] if common.get("gguf_file") else source
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r}: transformers cannot load {where}: {first}") \
+            from None
+
+
 def load_fast_tokenizer(name: str, source: str, common: dict) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    with loading_errors(name, source, common):
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {name!r}: a fast (tokenizers-backed) tokenizer is required")
     return tokenizer
@@ -427,7 +457,11 @@ def load(name: str, device: torch.device, dtype: torch.dtype | None = None,
     refuse_onnx_export(name, source, common, "use the onnx backend (--backend onnx or auto), "
                                              "or the source model it was exported from")
     tokenizer = load_fast_tokenizer(name, source, common)
-    model = AutoModel.from_pretrained(source, attn_implementation="eager", dtype=dtype, **common)
+    with loading_errors(name, source, common):
+        model, loading = AutoModel.from_pretrained(
+            source, attn_implementation="eager", dtype=dtype, output_loading_info=True,
+            **common)
+    check_weights_complete(name, loading["missing_keys"])
     model.eval().to(device)
     info = describe_torch(name, source, config, tokenizer, model, common)
     log.info("loaded %s (%s, %d layers × %d heads, max %d tokens) from %s on %s",

@@ -8,6 +8,7 @@ span of document tokens it covers, so nothing is dropped without a trace.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,16 +121,30 @@ def control_token_ids(tokenizer) -> np.ndarray:
 
     [UNK] and [MASK] stand for characters of the text (an emoji, a 130-letter word, a typed
     "[MASK]"), so they are text positions, unless the tokenizer also uses the same id as a
-    control token (GPT-2's unknown token is <|endoftext|>). This one rule decides both
-    ``Window.is_special`` (what ``mass_special`` and ``mass_sparse`` count and what views hide)
-    and whether a text has content.
+    control token (GPT-2's unknown token is <|endoftext|>), or its unknown token can never
+    stand for text: a byte-level BPE (GPT-2, SmolLM2, Llama 3) spells every character in
+    bytes, so its unknown token (SmolLM2's is <|endoftext|>) appears only where it is typed.
+    This one rule decides both ``Window.is_special`` (what ``mass_special`` and
+    ``mass_sparse`` count and what views hide) and whether a text has content.
     """
     added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
     flagged = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if tok.special}
     control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    if not unknown_stands_for_text(tokenizer):
+        control.add(tokenizer.unk_token_id)
     stand_ins = {tokenizer.unk_token_id, tokenizer.mask_token_id} - control
-    return np.asarray(sorted(flagged - stand_ins), dtype=np.int64)
+    return np.asarray(sorted(flagged - stand_ins - {None}), dtype=np.int64)
+
+
+def unknown_stands_for_text(tokenizer) -> bool:
+    """Whether the tokenizer can emit its unknown token for characters of a text: not when
+    every character has bytes to fall back on (a ByteLevel pre-tokenizer, or a BPE with
+    ``byte_fallback``)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state.get("model") or {}
+    return not (model.get("byte_fallback") or '"ByteLevel"' in json.dumps(
+        state.get("pre_tokenizer")))
 
 
 class Windower:

@@ -253,7 +253,9 @@ class Selection:
             "doc_id": self.doc_id,
             "model": {"name": model.get("name"), "family": model.get("family"),
                       "num_layers": thin.num_layers, "num_heads": thin.num_heads,
-                      "causal": bool(model["causal"])},
+                      "causal": bool(model["causal"]),
+                      "layer_windows": model.get("layer_windows")
+                      or [None] * int(model["num_layers"])},
             "attention_mode": self.mode,
             "layers": list(thin.layers),
             "heads": list(thin.heads),

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import GEMMA_WINDOW
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 from test_views import (
     LONG,
+    PLAIN,
     build_view_datasets,
     expected_lines,
     make_dataset,
@@ -54,9 +56,14 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def datasets(minilm: TorchBackend, gpt2: TorchBackend,
+def datasets(minilm: TorchBackend, gpt2: TorchBackend, gemma_dir: Path,
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_view_datasets(minilm, gpt2, tmp_path_factory.mktemp("views-browser"))
+    folder = tmp_path_factory.mktemp("views-browser")
+    found = build_view_datasets(minilm, gpt2, folder)
+    # a decoder with sliding-window layers (window 4 in layers 0 and 2) and one kv head
+    found["gemma"] = make_dataset(TorchBackend(str(gemma_dir), device="cpu"),
+                                  folder / "gemma", [PLAIN], "topk:4", capture_qk=True)
+    return found
 
 
 class Watched:
@@ -209,7 +216,8 @@ def neuron_softmax(page: Page) -> dict[int, float]:
 
 @pytest.mark.parametrize(("name", "doc_id", "window", "layer", "head", "query"),
                          [("qk", "pair", 0, 2, 5, 3), ("qk", "long", 1, 5, 0, 7),
-                          ("gpt2", "plain", 0, 1, 3, 6)])
+                          ("gpt2", "plain", 0, 1, 3, 6), ("gemma", "plain", 0, 0, 2, 9),
+                          ("gemma", "plain", 0, 1, 1, 9)])
 def test_neuron_view_softmax_matches_stored_attention(
         watched: Watched, datasets: dict[str, Path], tmp_path: Path, name: str, doc_id: str,
         window: int, layer: int, head: int, query: int) -> None:
@@ -238,9 +246,12 @@ def test_neuron_view_softmax_matches_stored_attention(
         # kernel; the arithmetic needs only ATTENTION_ATOL (test_views checks that in NumPy),
         # this end-to-end browser check keeps 1e-3 (not re-run in the tolerance audit)
         assert probs[int(key)] == pytest.approx(float(weight), abs=1e-3)
-    if name == "gpt2":  # causal: keys after the query are masked
+    if name in ("gpt2", "gemma"):  # causal: keys after the query are masked
         assert all(probs[k] == 0 for k in range(query + 1, len(tok)))
-        assert page.locator(".nv-softmax.nv-masked").count() == len(tok) - query - 1
+        # and a sliding-window layer's keys before its window (GEMMA_WINDOW = 4)
+        first = query - GEMMA_WINDOW + 1 if name == "gemma" and layer != 1 else 0
+        assert all(probs[k] == 0 for k in range(first))
+        assert page.locator(".nv-softmax.nv-masked").count() == len(tok) - query - 1 + first
     stored = page.eval_on_selector_all(".nv-stored", "els => els.map(e => +e.dataset.k)")
     assert sorted(stored) == sorted(row["key"].tolist())
     page.click(f"#hs-nv-labels .nv-row[data-i='{query + 1}']")  # a click picks the query

@@ -239,3 +239,15 @@ def test_a_gguf_of_an_unknown_architecture_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "GGUF architecture 'rwkv7'" in done.stderr and "llama" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_typed_unknown_token_of_a_byte_level_tokenizer_is_special(
+        smollm2: TorchBackend) -> None:
+    """SmolLM2's unknown token is <|endoftext|>; its byte-level BPE never emits it for text
+    (an emoji becomes byte pieces), so where it appears it was typed: a control token."""
+    windower = Windower(smollm2.tokenizer, smollm2.info, WindowConfig())
+    (typed,) = windower.windows(Document("t", "before <|endoftext|> after"))
+    position = typed.tokens.index("<|endoftext|>")
+    assert typed.is_special[position] and typed.is_special.sum() == 1
+    (emoji,) = windower.windows(Document("e", "pizza 🍕 time"))
+    assert not emoji.is_special.any() and "<|endoftext|>" not in emoji.tokens

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoConfig
 
 from pipelines import models
@@ -96,3 +97,37 @@ def test_a_folder_with_two_gguf_files_is_ambiguous(tmp_path: Path) -> None:
     write_gguf(tmp_path / "b.gguf", "llama")
     with pytest.raises(ModelError, match="holds 2 GGUF files"):
         models.load_config(str(tmp_path))
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path: Path,
+                                                 sentencepiece_folder: Path) -> None:
+    """transformers would fill a missing tensor at random; headscope refuses the model."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaModel(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((sentencepiece_folder / name).read_bytes())
+    models.load(str(tmp_path), torch.device("cpu"))  # complete: loads
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["layers.1.self_attn.q_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"no weights for layers\.1\.self_attn\.q_proj"):
+        models.load(str(tmp_path), torch.device("cpu"))
+
+
+def test_a_gguf_without_a_tokenizer_is_a_model_error(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "bare.gguf", "llama")
+    with pytest.raises(ModelError, match="transformers cannot load .*bare.gguf"):
+        models.load(str(path), torch.device("cpu"))
+
+
+@pytest.fixture
+def sentencepiece_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    build_sentencepiece_tokenizer().save_pretrained(folder)
+    return folder

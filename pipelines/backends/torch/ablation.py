@@ -75,18 +75,22 @@ def load_for_ablation(name: str, device: str = "cpu", dtype: str = "float32",
     if objective == "mlm_loss" and tokenizer.mask_token_id is None:
         missing = ["(the tokenizer has no mask token)"]
     else:
-        with _quiet_transformers():
+        with _quiet_transformers(), models.loading_errors(name, source, common):
             # output_loading_info=True returns (model, info); the stubs give the model alone
             model, loading = head_class.from_pretrained(  # type: ignore[misc]
                 source, output_loading_info=True, **options)
         prefix = f"{model.base_model_prefix}."
         missing = [key for key in loading["missing_keys"] if not key.startswith(prefix)]
+        models.check_weights_complete(name, [key.removeprefix(prefix) for key in
+                                             loading["missing_keys"] if key.startswith(prefix)])
     if missing:
         shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
         log.warning("model %r has no trained %s head (missing %s); loading the encoder alone: "
                     "only representation metrics are available", name,
                     objective.removesuffix("_loss").upper(), shown)
-        model = AutoModel.from_pretrained(source, **options)
+        model, loading = AutoModel.from_pretrained(
+            source, output_loading_info=True, **options)
+        models.check_weights_complete(name, loading["missing_keys"])
         objective = None
     assert model is not None  # loaded with its head, or without it when the head is missing
     model.eval().to(torch_device)

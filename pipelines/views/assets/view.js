@@ -12,6 +12,7 @@
   const L = payload.model.num_layers;
   const H = payload.model.num_heads;
   const CAUSAL = payload.model.causal;
+  const WINDOWS = payload.model.layer_windows || [];  // per layer: sliding window or null
   const range = (n) => Array.from({ length: n }, (_, i) => i);
   const LAYERS = payload.layers || range(L); // the layers and heads this page holds
   const HEADS = payload.heads || range(H);
@@ -424,28 +425,31 @@
   /* ---- neuron view ----------------------------------------------------------------------- */
 
   /** q·k × the layer's scale (1/√d in BERT and GPT-2) for every key of query ``q``, softmax
-   *  over the keys it may see. */
+   *  over the keys it may see: keys lo .. hi - 1 (causal: up to q; a sliding-window layer of
+   *  window w: only keys with |q - j| < w). */
   function scores(qk, n, layer, head, q) {
     const dim = qk.dim;
     const base = (LAYER_AT.get(layer) * HEADS.length + HEAD_AT.get(head)) * n * dim;
     const qv = qk.q.subarray(base + q * dim, base + (q + 1) * dim);
     const dot = new Float64Array(n);
     const prob = new Float64Array(n);
-    const seen = CAUSAL ? q + 1 : n;
+    const window = WINDOWS[layer];
+    const lo = window ? Math.max(0, q - window + 1) : 0;
+    const hi = CAUSAL ? q + 1 : (window ? Math.min(n, q + window) : n);
     let max = -Infinity;
-    for (let j = 0; j < seen; j++) {
+    for (let j = lo; j < hi; j++) {
       let s = 0;
       for (let c = 0; c < dim; c++) s += qv[c] * qk.k[base + j * dim + c];
       dot[j] = s * qk.scale[layer];
       if (dot[j] > max) max = dot[j];
     }
     let total = 0;
-    for (let j = 0; j < seen; j++) {
+    for (let j = lo; j < hi; j++) {
       prob[j] = Math.exp(dot[j] - max);
       total += prob[j];
     }
-    for (let j = 0; j < seen; j++) prob[j] /= total;
-    return { qv, base, dot, prob, seen };
+    for (let j = lo; j < hi; j++) prob[j] /= total;
+    return { qv, base, dot, prob, lo, hi };
   }
 
   /** Diverging colour cells (blue < 0 < orange), one pixel per value, scaled up by CSS. */
@@ -487,7 +491,7 @@
       const cls = (j === q ? ' nv-q' : '') + (d.w.is_special[j] ? ' special' : '');
       labels.push(`<div class="nv-row${cls}" data-i="${j}" title="${esc(toks[j])}">` +
         `${j} ${esc(clip(toks[j], 16))}</div>`);
-      if (j >= res.seen) {
+      if (j < res.lo || j >= res.hi) {
         dots.push('<div class="nv-row nv-masked">masked</div>');
         probs.push(`<div class="nv-row nv-softmax nv-masked" data-k="${j}" data-value="0">` +
           '0</div>');
