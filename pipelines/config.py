@@ -76,6 +76,13 @@ class WindowConfig:
     truncate: bool = False
     punctuation: str = "unicode"
 
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length {self.max_length} must be a positive number of "
+                              "tokens (or left out for the model's limit)")
+        if self.stride < 0:
+            raise ConfigError(f"stride {self.stride} must be 0 or more tokens")
+
 
 @dataclass(frozen=True)
 class OnnxOptions:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIX = ".gguf"
+#: Keys of transformers' GGUF table that name metadata sections, not architectures.
+_NOT_ARCHITECTURES = frozenset({"general", "tokenizer"})
 _CHUNK = 1 << 22
 
 
@@ -62,11 +64,12 @@ def read_facts(path: Path) -> GGUFFacts:
     except (ValueError, OSError, IndexError) as exc:
         raise GGUFError(f"{path} is not a readable GGUF file ({exc})") from None
     architecture = str(_field(reader, "general.architecture"))
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_ARCHITECTURES)
+    if architecture not in readable:
         raise GGUFError(
             f"{path}: GGUF architecture {architecture!r} cannot be loaded by transformers "
-            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert the model "
-            "to a transformers folder (config.json, weights, tokenizer) instead")
+            f"(it reads {', '.join(readable)}); convert the model to a transformers folder "
+            "(config.json, weights, tokenizer) instead")
     file_type = _field(reader, "general.file_type")
     try:
         quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") \

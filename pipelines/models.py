@@ -187,9 +187,11 @@ def _check_folder(folder: Path) -> None:
     tokenizer_files = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                        "sentencepiece.bpe.model", "tokenizer.model")
     if not any((folder / f).is_file() for f in tokenizer_files):
+        ggufs = sorted(folder.glob(f"*{gguf_files.SUFFIX}"))
+        also = (f"; to load its GGUF file instead, pass {ggufs[0]} itself" if ggufs else "")
         raise ModelError(
-            f"model folder {folder} has no tokenizer: expected one of {', '.join(tokenizer_files)}"
-        )
+            f"model folder {folder} has no tokenizer: expected one of "
+            f"{', '.join(tokenizer_files)}{also}")
 
 
 def _gguf_file(path: Path) -> Path | None:

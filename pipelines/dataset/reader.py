@@ -54,6 +54,15 @@ class Dataset:
     def manifest(self) -> dict:
         return json.loads((self.root / "manifest.json").read_text())
 
+    def require_corpus(self, reader: str) -> Self:
+        """This dataset when a corpus job (``headscope run``, or the service's store) wrote
+        it; a ValueError naming ``reader`` and what wrote the folder otherwise."""
+        found = self.manifest.get("format")
+        if found not in (DATASET_FORMAT, *UNSIGNED_FORMATS):
+            raise ValueError(f"{self.root} is a {found} folder, not a corpus dataset; "
+                             f"{reader} reads the output of headscope run")
+        return self
+
     @property
     def unsigned(self) -> bool:
         """Whether the dataset stored its integer columns unsigned (format 1; they read as
@@ -82,7 +91,10 @@ class Dataset:
         group statistics, e.g. ``ds.head_stats().merge(ds.heads()).groupby(["layer",
         "kv_head"])``. Datasets written before these were recorded read as full attention
         without grouping."""
-        model = self.manifest.get("model", {})
+        manifest = self.manifest
+        model = manifest.get("model") or manifest.get("models", {}).get("a")  # compare: A's
+        if not model:
+            raise ValueError(f"{self.root}: its manifest describes no model")
         layers, heads = int(model["num_layers"]), int(model["num_heads"])
         group = heads // int(model.get("num_kv_heads") or heads)
         windows = model.get("layer_windows") or [None] * layers

@@ -165,11 +165,14 @@ class DatasetWriter:
     """Writes one dataset folder; see the module docstring for the layout."""
 
     def __init__(self, root: str | Path,
-                 specs: Mapping[str, schema.TableSpec] | None = None) -> None:
+                 specs: Mapping[str, schema.TableSpec] | None = None,
+                 resumable: bool = True) -> None:
         """``specs``: the tables a job may write, by name (default: the core tables; a corpus
-        job passes ``pipelines.analysis.registry.table_specs(its analyses)``)."""
+        job passes ``pipelines.analysis.registry.table_specs(its analyses)``);
+        ``resumable``: whether the command has ``--resume`` (its errors offer it)."""
         self.root = Path(root)
         self.specs = dict(schema.CORE_TABLE_SPECS if specs is None else specs)
+        self.resumable = resumable
 
     def check(self, resume: bool = False, overwrite: bool = False) -> None:
         """Fail early (before any model is loaded) if the folder cannot be used as asked."""
@@ -180,10 +183,10 @@ class DatasetWriter:
         if resume or not self.root.exists() or not any(self.root.iterdir()):
             return
         if not overwrite:
-            raise OutputError(
-                f"{self.root} is not empty; pass --resume to finish an interrupted job, "
-                "--overwrite to replace it, or choose another --out"
-            )
+            resume_hint = "pass --resume to finish an interrupted job, " if self.resumable \
+                else "pass "
+            raise OutputError(f"{self.root} is not empty; {resume_hint}--overwrite to replace "
+                              "it, or choose another --out")
         if not (self.root / MANIFEST).is_file():
             raise OutputError(
                 f"{self.root} is not empty and is not a headscope dataset (no {MANIFEST}); "

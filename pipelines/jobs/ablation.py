@@ -56,7 +56,7 @@ def run_ablation(inputs: list[str | Path], out: str | Path, config: AblationConf
     """Measure every single head (or each set in ``config.heads``) on ``inputs``; write ``out``."""
     started = time.perf_counter()
     config, columns = config or AblationConfig(), columns or Columns()
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, resumable=False)
     writer.check(overwrite=overwrite)
     files = expand(inputs)
     summary = validate(files, columns)

@@ -144,7 +144,8 @@ def check_compatible(a: Backend, b: Backend) -> None:
     if first.causal != second.causal:
         problems.append(f"{_layout(first)} vs {_layout(second)} attention")
     if first.layer_windows != second.layer_windows:
-        problems.append("other sliding windows per layer")
+        problems.append(f"sliding windows per layer {list(first.layer_windows) or 'none'} vs "
+                        f"{list(second.layer_windows) or 'none'}")
     if problems:
         raise ModelError(f"cannot compare {first.name!r} with {second.name!r}: "
                          f"{'; '.join(problems)}")
@@ -285,7 +286,7 @@ def compare(inputs: list[str | Path], out: str | Path, config: CompareConfig | N
     started = time.perf_counter()
     config, columns = config or CompareConfig(), columns or Columns()
     keep_freed_memory()
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, resumable=False)
     writer.check(overwrite=overwrite)
     files = expand(inputs)
     summary = validate(files, columns)

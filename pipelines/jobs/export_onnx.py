@@ -23,7 +23,14 @@ import torch
 
 from pipelines import models
 from pipelines.backends.batching import Batch, collate
-from pipelines.backends.onnx.graph import FORMAT, GRAPH_FILE, WEIGHTS_FILE, GraphNames, graph_inputs
+from pipelines.backends.onnx.graph import (
+    FORMAT,
+    GRAPH_FILE,
+    ONNX_FAMILIES,
+    WEIGHTS_FILE,
+    GraphNames,
+    graph_inputs,
+)
 from pipelines.config import WindowConfig
 from pipelines.dataset.manifest import header
 from pipelines.dataset.writer import UMASK, atomic_write_json
@@ -154,10 +161,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} is not an ONNX export of headscope; refusing to replace it")
 
 
-#: ``ModelInfo.family`` values whose export is verified (bidirectional encoders, GPT-2).
-EXPORT_FAMILIES = frozenset({"bert", "gpt2"})
-
-
 def export_onnx(model: str, out: str | Path, hidden_states: bool = False,
                 opset: int = DEFAULT_OPSET, overwrite: bool = False,
                 allow_download: bool = False) -> dict:
@@ -166,7 +169,7 @@ def export_onnx(model: str, out: str | Path, hidden_states: bool = False,
     _check_out(out, overwrite)
     loaded = models.load(model, torch.device("cpu"), torch.float32, allow_download)
     info, tokenizer = loaded.info, loaded.tokenizer
-    if info.family not in EXPORT_FAMILIES:
+    if info.family not in ONNX_FAMILIES:
         raise ExportError(f"model {model!r} ({info.model_type}): ONNX export covers the "
                           f"BERT and GPT-2 families; run {info.model_type} models with the "
                           "torch backend")

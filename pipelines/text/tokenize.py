@@ -162,7 +162,7 @@ class Windower:
         self.max_length = config.max_length or info.max_length
         if self.max_length > info.max_length:
             raise ConfigError(
-                f"max_length {self.max_length} exceeds the model's limit of "
+                f"max_length {self.max_length} exceeds the limit of model {info.name!r}, "
                 f"{info.max_length} tokens"
             )
         self.stride = config.stride

@@ -43,7 +43,8 @@ class DocumentView:
         """``layers``/``heads`` (``"0,3-5"`` or integers) and ``top_k`` (weights per query row)
         thin the page. A page estimated over ``warn_bytes`` is logged as a warning; over
         ``max_bytes`` it raises :class:`PageTooLarge` unless ``force``."""
-        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+        self.dataset = (dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+                        ).require_corpus("headscope view")
         self.doc_id, self.window, self.title = doc_id, window, title
         # errors (unknown document, window, layer or head; a page too large) show up here
         selection = select(self.dataset, doc_id, window, qk, layers, heads, top_k)

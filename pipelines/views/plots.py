@@ -77,7 +77,8 @@ class Heads:
 
     @classmethod
     def load(cls, dataset: Dataset | str | Path) -> Heads:
-        ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+        ds = (dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+              ).require_corpus("headscope plot")
         summary = _summary(ds)
         if summary.empty or summary["n_windows"].max() == 0:
             raise PlotError(f"dataset {ds.root} is empty: no head statistics (0 windows)")

@@ -236,8 +236,10 @@ def test_the_temporary_folder_goes_with_the_result(minilm: TorchBackend) -> None
      r"texts\[1\]: document '1': text_pair .* has no content for this model"),
     (["fine"], {"attention": "top:3"}, ConfigError, "unknown attention mode 'top:3'"),
     (["fine"], {"analyses": "patterns,nope"}, ConfigError, "unknown analysis nope"),
-    (["fine"], {"max_length": 4096}, ConfigError, "exceeds the model's limit of 512"),
+    (["fine"], {"max_length": 4096}, ConfigError,
+     "exceeds the limit of model 'minilm', 512 tokens"),
     (["fine"], {"batch_tokens": 0}, ConfigError, "batch_tokens must be a positive integer"),
+    (["fine"], {"max_length": 0}, ConfigError, "max_length 0 must be a positive number"),
 ])
 def test_bad_input_is_refused_clearly(texts: list, options: dict, error: type,
                                       message: str) -> None:

@@ -22,13 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from compare_tables import assert_head_stats_equal
-from conftest import CLI, Outcome
+from conftest import CLI, Outcome, run_cli
 from tolerances import EPS64
 
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.stats import STAT_NAMES
 from pipelines.config import AttentionMode, RunConfig, WindowConfig
 from pipelines.dataset import schema
+from pipelines.dataset.reader import Dataset
 from pipelines.jobs.demo import paragraphs
 from pipelines.jobs.local import run_job
 
@@ -192,6 +193,7 @@ def test_an_out_that_is_not_empty_is_refused(world: World) -> None:
     result = world.results["taken"]
     assert result.returncode == 2
     assert len(result.error_lines) == 1 and "not empty" in result.error_lines[0]
+    assert "--resume" not in result.error_lines[0], "compare has no --resume"
     taken = world.out("taken")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     assert (taken / "notes.txt").read_text(encoding="utf-8") == "keep me"
@@ -223,3 +225,14 @@ def test_the_documented_recipe_runs(world: World, capsys: pytest.CaptureFixture)
     code = code.replace("runs/cmp", str(world.out("finetune")))  # a path without quotes
     exec(compile(code, "docs/analysis.md", "exec"), {})
     assert "cosine_mean" in capsys.readouterr().out
+
+
+def test_view_and_plot_say_a_compare_folder_is_not_a_corpus_dataset(world: World) -> None:
+    folder = world.out("finetune")
+    for command in (["view", str(folder), "--doc", "x", "--out", str(world.tmp / "x.html")],
+                    ["plot", str(folder), "--out", str(world.tmp / "x.png")]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and len(result.error_lines) == 1, result.stderr
+        assert "headscope-compare/1 folder, not a corpus dataset" in result.error_lines[0]
+    heads = Dataset.open(folder).heads()  # model A's heads
+    assert len(heads) == 6 * 12 and (heads["kv_head"] == heads["head"]).all()

@@ -25,7 +25,7 @@ from pipelines.backends.base import (
 )
 from pipelines.backends.batching import Batch
 from pipelines.backends.head_mask import HeadMask
-from pipelines.backends.onnx.graph import FORMAT, GraphNames, graph_inputs
+from pipelines.backends.onnx.graph import FORMAT, ONNX_FAMILIES, GraphNames, graph_inputs
 from pipelines.config import ConfigError, OnnxOptions
 from pipelines.models import ModelError
 
@@ -61,9 +61,13 @@ class ExportedModel:
         return self.folder / self.metadata["graph"]["file"]
 
 
-def export_metadata(name: str, folder: str) -> dict:
-    """The metadata of the export in ``folder``, or an error saying how to make one."""
+def export_metadata(name: str, folder: str, family: str) -> dict:
+    """The metadata of the export in ``folder``, or an error saying how to make one (or, for
+    a family ``headscope export-onnx`` does not cover, to use the torch backend)."""
     metadata = models.onnx_metadata(folder)
+    if metadata is None and family not in ONNX_FAMILIES:
+        raise ModelError(f"model {name!r} ({family}): the onnx backend runs exports of BERT- "
+                         "and GPT-2-family models; use --backend torch")
     if metadata is None:
         raise ModelError(
             f"model {name!r} has no ONNX export in {folder}: run "
@@ -142,7 +146,8 @@ class OnnxBackend:
         self.options = options or OnnxOptions()
         source, config, common = models.load_config(model)
         self._tokenizer = models.load_fast_tokenizer(model, source, common)
-        metadata = export_metadata(model, source)
+        family = "bert" if not models.is_causal(config) else config.model_type
+        metadata = export_metadata(model, source, family)
         self.info = models.describe(model, source, config, self._tokenizer,
                                     "token_type_ids" in metadata["graph"]["inputs"])
         self.export = open_export(self.info, metadata)

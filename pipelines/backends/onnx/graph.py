@@ -18,6 +18,10 @@ GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 
 
+#: The families ``headscope export-onnx`` exports and verifies (``ModelInfo.family``).
+ONNX_FAMILIES = frozenset({"bert", "gpt2"})
+
+
 @dataclass(frozen=True)
 class GraphNames:
     """Input and output names of an exported graph."""
