@@ -143,6 +143,11 @@ class ModelInfo:
         """Layer ``layer``'s sliding window (None: it sees every key its mask allows)."""
         return self.layer_windows[layer] if self.layer_windows else None
 
+    def windows_by_layer(self) -> list[int | None]:
+        """Every layer's sliding window (None for full attention), as manifests and the
+        service's model list give them."""
+        return [self.layer_window(layer) for layer in range(self.num_layers)]
+
     def to_dict(self) -> dict:
         """Plain JSON-able fields (the service sends them from a worker to the ingress)."""
         return dataclasses.asdict(self)
@@ -237,6 +242,12 @@ def is_causal(config: PretrainedConfig) -> bool:
                      "mask")
 
 
+def family_of(config: PretrainedConfig) -> str:
+    """``ModelInfo.family``: "bert" for a bidirectional encoder, else the decoder's model type
+    ("gpt2", "llama", "gemma3_text"...)."""
+    return config.model_type if is_causal(config) else "bert"
+
+
 def layer_windows(config: PretrainedConfig) -> tuple[int | None, ...]:
     """Per layer, the sliding window of a local-attention layer (None: full attention);
     empty when no layer has one.
@@ -308,7 +319,7 @@ def describe(name: str, path: str, config: PretrainedConfig, tokenizer: PreTrain
     return ModelInfo(
         name=name,
         path=gguf.file if gguf is not None else path,
-        family="bert" if not causal else "gpt2" if model_type == "gpt2" else model_type,
+        family=family_of(config),
         model_type=model_type,
         config_hash=config_hash(config),
         num_layers=config.num_hidden_layers,

@@ -301,7 +301,7 @@ class Ingress:
                 num_heads=info.num_heads, max_length=info.max_length,
                 config_hash=info.config_hash, runtime=state.runtime, causal=info.causal,
                 num_kv_heads=info.key_value_heads,
-                layer_windows=[info.layer_window(i) for i in range(info.num_layers)]))
+                layer_windows=info.windows_by_layer()))
         return out
 
     @app.post("/v1/attention", dependencies=BEARER,

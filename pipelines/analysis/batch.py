@@ -228,12 +228,20 @@ def attention_block_rows(info: ModelInfo, config: RunConfig, size: int, length: 
         reason = f"the {runtime} backend forms whole layers itself"
     else:
         return max(1, allowed // (size * info.num_heads * length))
-    raise ConfigError(
+    raise whole_layers_too_long(info, length, held, reason, config.memory_budget)
+
+
+def whole_layers_too_long(info: ModelInfo, length: int, held: int, reason: str,
+                          memory_budget: int) -> ConfigError:
+    """The refusal of a window of ``length`` tokens whose ``held`` whole layers of attention
+    do not fit the budget's batch share, saying why whole layers are needed (``reason``)."""
+    cells = info.num_heads * length * length
+    return ConfigError(
         f"a window of {length} tokens needs {format_bytes(attention_bytes(cells, held))} for "
         f"its attention ({info.num_heads} heads × {length}² cells × {CELL_BYTES} bytes × "
         f"{LIVE_ATTENTION_COPIES} copies × {held} layer{'s' if held > 1 else ''} at once), "
-        f"and {reason}; the memory budget of {format_bytes(config.memory_budget)} allows "
-        f"{format_bytes(MemoryBudget(config.memory_budget).attention_bytes)} of attention in "
+        f"and {reason}; the memory budget of {format_bytes(memory_budget)} allows "
+        f"{format_bytes(MemoryBudget(memory_budget).attention_bytes)} of attention in "
         "a batch. Raise --memory-budget or lower --max-length")
 
 

@@ -66,7 +66,7 @@ def model_entry(info: ModelInfo, fields: Sequence[str] | None = DATASET_MODEL_FI
 def _model_value(info: ModelInfo, name: str) -> object:
     """One ModelInfo field as JSON: every layer's window, the GGUF facts as an object."""
     if name == "layer_windows":
-        return [info.layer_window(layer) for layer in range(info.num_layers)]
+        return info.windows_by_layer()
     if name == "num_kv_heads":
         return info.key_value_heads
     if name == "gguf":

@@ -28,17 +28,13 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.analysis.batch import reduction_spec
+from pipelines.analysis.batch import reduction_spec, whole_layers_too_long
 from pipelines.backends.base import Backend
 from pipelines.backends.batching import Batch, collate, plan_batches
 from pipelines.backends.torch.backend import TorchBackend
 from pipelines.compute.budget import (
-    CELL_BYTES,
     DEFAULT_MEMORY_BUDGET,
-    LIVE_ATTENTION_COPIES,
     MemoryBudget,
-    attention_bytes,
-    format_bytes,
 )
 from pipelines.compute.compare import CELL_TEMPORARY_BYTES, MapAgreement
 from pipelines.compute.stats import STAT_NAMES, KeyFlags
@@ -174,18 +170,9 @@ def batch_cells(info: ModelInfo, memory_budget: int) -> int:
 
 def check_fits(longest: int, info: ModelInfo, memory_budget: int) -> None:
     """A ConfigError when a window of ``longest`` tokens cannot run under the budget."""
-    cells = info.num_heads * longest * longest
-    if cells <= batch_cells(info, memory_budget):
-        return
-    budget = MemoryBudget(memory_budget)
-    raise ConfigError(
-        f"a window of {longest} tokens needs "
-        f"{format_bytes(attention_bytes(cells, info.num_layers))} for its attention "
-        f"({info.num_heads} heads × {longest}² cells × {CELL_BYTES} bytes × "
-        f"{LIVE_ATTENTION_COPIES} copies × {info.num_layers} layers: compare holds model A's "
-        f"layers while model B runs); the memory budget of {format_bytes(budget.total)} "
-        f"allows {format_bytes(budget.attention_bytes)} of attention in a batch. Raise "
-        "--memory-budget or lower --max-length")
+    if info.num_heads * longest * longest > batch_cells(info, memory_budget):
+        raise whole_layers_too_long(info, longest, info.num_layers, "compare holds model A's "
+                                    "layers while model B runs", memory_budget)
 
 
 def compare_batch(a: Backend, b: Backend, batch: Batch, config: CompareConfig) -> pa.Table:

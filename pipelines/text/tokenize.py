@@ -8,7 +8,6 @@ span of document tokens it covers, so nothing is dropped without a trace.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,10 +140,10 @@ def unknown_stands_for_text(tokenizer) -> bool:
     """Whether the tokenizer can emit its unknown token for characters of a text: not when
     every character has bytes to fall back on (a ByteLevel pre-tokenizer, or a BPE with
     ``byte_fallback``)."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = state.get("model") or {}
-    return not (model.get("byte_fallback") or '"ByteLevel"' in json.dumps(
-        state.get("pre_tokenizer")))
+    backend = tokenizer.backend_tokenizer  # its parts, not the whole vocabulary as JSON
+    pre = backend.pre_tokenizer
+    byte_level = pre is not None and b'"ByteLevel"' in pre.__getstate__()
+    return not (byte_level or getattr(backend.model, "byte_fallback", False))
 
 
 class Windower:

@@ -146,8 +146,7 @@ class OnnxBackend:
         self.options = options or OnnxOptions()
         source, config, common = models.load_config(model)
         self._tokenizer = models.load_fast_tokenizer(model, source, common)
-        family = "bert" if not models.is_causal(config) else config.model_type
-        metadata = export_metadata(model, source, family)
+        metadata = export_metadata(model, source, models.family_of(config))
         self.info = models.describe(model, source, config, self._tokenizer,
                                     "token_type_ids" in metadata["graph"]["inputs"])
         self.export = open_export(self.info, metadata)
