@@ -35,6 +35,8 @@ TARGET_RATIO = 2.0
 #: service docs/s (batching on, 32 clients) over an in-process job's on the same texts
 TARGET_JOB_RATIO = {"none": 0.7, "topk": 0.5}
 FULL = {"seconds": 20.0, "warmup": 3.0}
+#: texts of the in-process run of the worker's own work at the service's batch size
+WORKER_TEXTS = 256
 QUICK = {"seconds": 6.0, "warmup": 2.0}
 #: --smoke: a few seconds of light load per mode, a check that the whole path works; it
 #: fails (exit 1) when no request got a 200 or any error other than 503 happened
@@ -121,28 +123,67 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float,
 # ------------------------------------------------------------------------------ job
 
 
-def job_rate(args: argparse.Namespace, texts: list[str], work: Path) -> float:
+def load_backend(args: argparse.Namespace):
+    """The model, loaded once in this process for the in-process measurements."""
+    from pipelines.backends import create_backend
+
+    return create_backend("auto", args.model, "cpu", "float32")
+
+
+def windowed_texts(backend, texts: list[str]) -> list:
+    """(Document, windows) of each text, cut as a job and the service cut them."""
+    from pipelines.config import RunConfig
+    from pipelines.text.tokenize import Document, Windower
+
+    windower = Windower(backend.tokenizer, backend.info, RunConfig().windows)
+    docs = [Document(f"d{i}", text) for i, text in enumerate(texts)]
+    return [(doc, windower.windows(doc)) for doc in docs]
+
+
+def job_rate(args: argparse.Namespace, backend, texts: list[str], work: Path) -> float:
     """Documents/s of an in-process corpus job (``run_windowed``: windows, batches, tables,
     Parquet) on ``texts``, with as many torch threads as the local Ray has CPUs."""
     import torch
 
-    from pipelines.backends import create_backend
     from pipelines.config import AttentionMode, RunConfig
     from pipelines.jobs.local import memory_input, run_windowed
-    from pipelines.text.tokenize import Document, Windower
 
     torch.set_num_threads(args.cpus)
-    backend = create_backend("auto", args.model, "cpu", "float32")
     config = RunConfig(attention=AttentionMode.parse(args.attention or "topk:8"))
-    windower = Windower(backend.tokenizer, backend.info, config.windows)
-    docs = [Document(f"d{i}", text) for i, text in enumerate(texts)]
-    windowed = [(doc, windower.windows(doc)) for doc in docs]
+    windowed = windowed_texts(backend, texts)
+    docs = [doc for doc, _ in windowed]
     run_windowed(windowed[:32], work / "job-warmup", config, backend,
                  memory_input(docs[:32], "bench"), progress=False)
     started = time.perf_counter()
     run_windowed(windowed, work / "job", config, backend, memory_input(docs, "bench"),
                  progress=False)
     return len(docs) / (time.perf_counter() - started)
+
+
+def worker_rate(backend, texts: list[str], attention: str | None, batch: int,
+                threads: int) -> float:
+    """Documents/s of the model replica's own work (``service.worker.analyse_documents``) on
+    ``texts`` in batches of ``batch`` documents, in this process with ``threads`` torch
+    threads: what a worker could do at the batch sizes the service formed, with no HTTP,
+    ingress or Ray around it."""
+    import torch
+
+    from service.config import ModelConfig
+    from service.worker import DocumentJob, analyse_documents
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        jobs = [DocumentJob(windows, attention or "topk:8", 2)
+                for _, windows in windowed_texts(backend, texts)]
+        tokens = ModelConfig.model_fields["batch_tokens"].default  # the replica's default
+        analyse_documents(backend, jobs[:batch], tokens)  # warm-up
+        started = time.perf_counter()
+        for first in range(0, len(jobs), batch):
+            analyse_documents(backend, jobs[first:first + batch], tokens)
+        return len(jobs) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ service
@@ -279,13 +320,21 @@ def describe_sizes(sizes: list[int]) -> str:
             f"max {max(sizes)}; size×count (largest 8): {common}")
 
 
-def job_ratio(results: list[ModeResult], job: float, attention: str | None) -> None:
-    """Service docs/s (batching on) over the in-process job's, against its target."""
+def job_ratio(results: list[ModeResult], job: float, attention: str | None,
+              workers: dict[int, float], batch: int) -> None:
+    """Service docs/s (batching on) over the in-process job's, against its target; and the
+    worker's own work in process at the service's mean batch size (``workers``: torch
+    threads → docs/s), which bounds what the service can reach at this load."""
     target = TARGET_JOB_RATIO["none" if attention == "none" else "topk"]
     service = results[0].load.documents / results[0].load.seconds
     ratio = service / job
     print(f"service / in-process job (docs/s): {service:.1f} / {job:.1f} = {ratio:.2f} "
           f"(target >= {target}) -> {'PASS' if ratio >= target else 'MISS'}")
+    for threads, rate in workers.items():
+        print(f"  bound: the worker's own work (analyse_documents) in process on batches of "
+              f"{batch}, {threads} torch thread{'s' if threads > 1 else ''}, no HTTP or Ray: "
+              f"{rate:.1f} docs/s = {rate / job:.2f} of the job; the service reached "
+              f"{service / rate:.2f} of it")
 
 
 def report(results: list[ModeResult], clients: int) -> None:
@@ -391,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
           f"Ray {ray.__version__}, local Ray with {args.cpus} CPUs, model replica "
           f"{args.worker_cpus} CPU, ingress {args.ingress_cpus} CPU", flush=True)
     work = Path(tempfile.mkdtemp(prefix="headscope-serve-bench-"))
-    job = job_rate(args, texts[:args.job_texts], work)
+    backend = load_backend(args)
+    job = job_rate(args, backend, texts[:args.job_texts], work)
     print(f"in-process job on {len(texts[:args.job_texts])} of these texts, {args.cpus} torch "
           f"threads: {job:.1f} docs/s", flush=True)
     ray.init(address="local", num_cpus=args.cpus, object_store_memory=200 * 2**20,
@@ -403,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (args.batch_size,) if args.batched_only else (args.batch_size, 1)
         results = [run_mode(args, base_url, size, texts, work / "data") for size in sizes]
         report(results, args.clients)
-        job_ratio(results, job, args.attention)
+        batch = max(1, round(float(np.mean(results[0].batch_sizes or [1]))))
+        sample = texts[:min(WORKER_TEXTS, len(texts[:args.job_texts]))]
+        workers = {threads: worker_rate(backend, sample, args.attention, batch, threads)
+                   for threads in sorted({max(1, int(args.worker_cpus)), args.cpus})}
+        job_ratio(results, job, args.attention, workers, batch)
         failed = args.smoke and (sum(r.load.ok for r in results) == 0 or any(
             s not in (200, 503) for r in results for s in r.load.statuses)
             or any(r.load.errors for r in results))

@@ -1,7 +1,7 @@
 """The model deployment: batches documents from concurrent requests into forward passes.
 
 ``analyse_documents`` is the batching logic as a plain function (tested without Serve);
-``ModelWorker`` wraps it in ``@serve.batch`` on a Ray Serve replica.
+``ModelWorker`` feeds it from a ``service.batcher.DynamicBatcher`` on a Ray Serve replica.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pipelines.backends.base import Capability, require
 from pipelines.backends.head_mask import HeadMask
 from pipelines.config import AttentionMode, OnnxOptions, RunConfig
 from pipelines.text.tokenize import Window
+from service.batcher import DynamicBatcher
 from service.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,7 @@ class ModelWorker:
         self.config = config
         self.backend = create_backend(config.backend, config.model, config.device, config.dtype,
                                       onnx=OnnxOptions(**config.onnx.model_dump()))
-        # @serve.batch adds these setters; its stub types the method as a plain coroutine
-        self.analyse.set_max_batch_size(  # type: ignore[attr-defined]
-            config.max_batch_size)
-        self.analyse.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
-            config.batch_wait_timeout_s)
+        self.batcher: DynamicBatcher[DocumentJob, dict[str, pa.Table]] | None = None
         self.tags = {"model": config.name}
         self.documents = Counter("headscope_documents", "documents analysed", tag_keys=("model",))
         self.tokens = Counter("headscope_tokens", "tokens analysed", tag_keys=("model",))
@@ -140,9 +137,15 @@ class ModelWorker:
         """Sizes of the most recent batches (for tests and the load benchmark)."""
         return list(self.recent_batch_sizes)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
-    async def analyse(self, jobs: list[DocumentJob]) -> list[dict[str, pa.Table]]:
-        # In a thread: the event loop keeps queueing the next batch while this one runs.
+    async def analyse(self, job: DocumentJob) -> dict[str, pa.Table]:
+        """One document's tables, computed in a batch with the documents of other requests."""
+        if self.batcher is None:  # on the replica's event loop
+            self.batcher = DynamicBatcher(self._analyse_batch, self.config.max_batch_size,
+                                          self.config.batch_wait_timeout_s)
+        return await self.batcher.submit(job)
+
+    async def _analyse_batch(self, jobs: list[DocumentJob]) -> list[dict[str, pa.Table]]:
+        # In a thread: the event loop keeps taking requests while this batch runs.
         results = await asyncio.to_thread(analyse_documents, self.backend, jobs,
                                           self.config.batch_tokens)
         self.batch_sizes.observe(len(jobs), tags=self.tags)

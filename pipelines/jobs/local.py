@@ -45,7 +45,7 @@ from pipelines.text.plan import (
     ReadUnit,
     Shard,
     ShardRule,
-    document_windows,
+    document_window_lengths,
     kept_pairs,
     pack_shards,
     unit_shards,
@@ -152,17 +152,16 @@ class _Tally:
     rows: float = 0.0
     longest: int = 0
 
-    def add(self, windows: list[Window]) -> int:
-        """Count one document's windows; return its tokens."""
+    def add(self, lengths: list[int]) -> int:
+        """Count one document's windows of ``lengths`` tokens; return its tokens."""
         doc_tokens = 0
-        for window in windows:
-            n = window.n_tokens
+        for n in lengths:
             self.rows += {"none": 0.0, "topk": kept_pairs(n, self.causal, self.mode.k),
                           "full": kept_pairs(n, self.causal),
                           "threshold": float("nan")}[self.mode.kind]
             doc_tokens += n
             self.longest = max(self.longest, n)
-        self.windows += len(windows)
+        self.windows += len(lengths)
         self.tokens += doc_tokens
         return doc_tokens
 
@@ -185,8 +184,8 @@ def survey(files: list[Path], columns: Columns, windower: Windower, config: RunC
     plan = PlanBuilder(rule)
     for path in files:
         for doc in read_documents([path], columns):
-            windows = document_windows(windower, doc)
-            plan.add_document(tally.add(windows), rule.document_bytes(windows))
+            lengths = document_window_lengths(windower, doc)
+            plan.add_document(tally.add(lengths), rule.document_bytes(lengths))
         plan.end_file(path)
     return tally.survey(plan.finish(), info, rule, plan.largest_shard_bytes)
 
@@ -242,6 +241,7 @@ class Prepared:
     manifest: dict
     finished: set[int]
     writer: DatasetWriter
+    windower: Windower | None = None  # the survey's, reused to cut the shards
 
 
 def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
@@ -261,7 +261,7 @@ def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
     # After open: --overwrite has freed the old dataset's space, --resume needs only the rest.
     left = 1 - len(finished) / found.shards if found.shards else 0.0
     warn_if_short_of_space(writer.root, left * output_bytes(found, config, backend.info))
-    return Prepared(files, summary, found, manifest, finished, writer)
+    return Prepared(files, summary, found, manifest, finished, writer, windower)
 
 
 def check_memory(found: Survey, config: RunConfig, backend: Backend) -> None:
@@ -321,7 +321,7 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
                                         config.dtype, config.allow_download, config.onnx)
     job = prepare(inputs, writer, backend, config, columns, resume, overwrite)
     job.manifest["runtime"]["engine"] = "local"
-    windower = Windower(backend.tokenizer, backend.info, config.windows)
+    windower = job.windower or Windower(backend.tokenizer, backend.info, config.windows)
     bar = progress_bar(job.found, progress)
     write_shards(backend, _unfinished(job, columns, windower, bar), config, job, bar)
     bar.close()
@@ -375,10 +375,11 @@ def run_windowed(windowed: Sequence[tuple[Document, list[Window]]], out: str | P
     writer.check()
     tally = _Tally(config.attention, backend.info.causal)
     for _, windows in windowed:
-        tally.add(windows)
+        tally.add([w.n_tokens for w in windows])
     rule = shard_rule(config, backend.info)
     shards = list(pack_shards(windowed, rule))
-    largest = max((rule.document_bytes(shard.windows) for shard in shards), default=0)
+    largest = max((rule.document_bytes(w.n_tokens for w in shard.windows)
+                   for shard in shards), default=0)
     found = tally.survey([ReadUnit((), 0, len(shards), 0, tally.tokens)], backend.info, rule,
                          largest)
     check_memory(found, config, backend)

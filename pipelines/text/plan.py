@@ -84,8 +84,9 @@ class RowBytes:
         pairs = kept_pairs(n, self.causal, self.top_k) if self.pair else 0
         return self.pair * pairs + self.token * n + self.window
 
-    def of_document(self, windows: Iterable[Window]) -> int:
-        return sum(self.of_window(w.n_tokens) for w in windows)
+    def of_document(self, lengths: Iterable[int]) -> int:
+        """The bytes of a document whose windows have ``lengths`` tokens."""
+        return sum(self.of_window(n) for n in lengths)
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,10 @@ class ShardRule:
     max_bytes: float = math.inf
     sizes: RowBytes | None = None
 
-    def document_bytes(self, windows: Iterable[Window]) -> int:
-        """The estimated bytes of a document's rows (0 without ``sizes``)."""
-        return self.sizes.of_document(windows) if self.sizes is not None else 0
+    def document_bytes(self, lengths: Iterable[int]) -> int:
+        """The estimated bytes of the rows of a document whose windows have ``lengths``
+        tokens (0 without ``sizes``)."""
+        return self.sizes.of_document(lengths) if self.sizes is not None else 0
 
     def starts_new(self, open_tokens: int, open_bytes: int, doc_bytes: int) -> bool:
         """Whether a document of ``doc_bytes`` must start a new shard: the open one holds
@@ -176,6 +178,15 @@ def document_windows(windower: Windower, doc: Document) -> list[Window]:
         raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
 
 
+def document_window_lengths(windower: Windower, doc: Document) -> list[int]:
+    """The tokens of each window of ``doc`` (as :func:`document_windows` would cut it), or the
+    same InputError."""
+    try:
+        return windower.window_lengths(doc)
+    except ConfigError as exc:
+        raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
+
+
 def fill_shards(docs: Iterable[Document], windower: Windower, rule: ShardRule,
                 first_shard: int = 0, first_doc: int = 0) -> Iterator[Shard]:
     """Whole documents into shards, closed by ``rule``."""
@@ -188,7 +199,7 @@ def pack_shards(windowed: Iterable[tuple[Document, list[Window]]], rule: ShardRu
     """:func:`fill_shards` for documents already cut into windows (in document order)."""
     shard, tokens, nbytes = Shard(first_shard, first_doc), 0, 0
     for doc, windows in windowed:
-        doc_bytes = rule.document_bytes(windows)
+        doc_bytes = rule.document_bytes(w.n_tokens for w in windows)
         if rule.starts_new(tokens, nbytes, doc_bytes):
             yield shard
             shard, tokens, nbytes = shard.following(), 0, 0

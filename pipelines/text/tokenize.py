@@ -146,6 +146,16 @@ def unknown_stands_for_text(tokenizer) -> bool:
     return not (byte_level or getattr(backend.model, "byte_fallback", False))
 
 
+@dataclass
+class _Cut:
+    """A document cut into windows' content: each part's encoding and first document token."""
+
+    pair: Encoding | None
+    parts: list[tuple[Encoding, int]]
+    n_doc: int  # the document's content tokens
+    truncated: bool
+
+
 class Windower:
     """Tokenises documents into windows for one model and one window configuration."""
 
@@ -167,6 +177,11 @@ class Windower:
         self.stride = config.stride
         self.truncate = config.truncate
         self.control_ids = control_token_ids(tokenizer)
+        # is_control[id]: one lookup per token (np.isin sorts for every window)
+        size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
+                   int(self.control_ids.max(initial=-1)) + 1)
+        self.is_control = np.zeros(size, dtype=bool)
+        self.is_control[self.control_ids] = True
         self.is_punct = punctuation_rule(config.punctuation)  # pipelines.text.punctuation
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
@@ -184,6 +199,20 @@ class Windower:
 
     def windows(self, doc: Document) -> list[Window]:
         """All windows of ``doc`` (one when it fits)."""
+        cut = self._cut(doc)
+        return [self._window(doc, part, cut.pair, index, len(cut.parts), start,
+                             start + len(part.ids), cut.n_doc, cut.truncated)
+                for index, (part, start) in enumerate(cut.parts)]
+
+    def window_lengths(self, doc: Document) -> list[int]:
+        """``[w.n_tokens for w in self.windows(doc)]`` without building the windows (the
+        same checks and errors): what a size survey needs."""
+        cut = self._cut(doc)
+        added = self._n_special(cut.pair is not None) + (len(cut.pair.ids) if cut.pair else 0)
+        return [len(part.ids) + added for part, _ in cut.parts]
+
+    def _cut(self, doc: Document) -> _Cut:
+        """``doc`` encoded, checked and cut into the content of each window."""
         text_enc = self.tokenizer.encode(doc.text, add_special_tokens=False)
         pair_enc = (
             self.tokenizer.encode(doc.text_pair, add_special_tokens=False)
@@ -201,28 +230,23 @@ class Windower:
                 f"text within max_length {self.max_length}"
             )
         if n_doc <= budget:
-            return [self._window(doc, text_enc, pair_enc, 0, 1, 0, n_doc, n_doc, False)]
+            return _Cut(pair_enc, [(text_enc, 0)], n_doc, False)
         if self.truncate:
             text_enc.truncate(budget)
-            return [self._window(doc, text_enc, pair_enc, 0, 1, 0, budget, n_doc, True)]
+            return _Cut(pair_enc, [(text_enc, 0)], n_doc, True)
         if self.stride >= budget:
             raise ConfigError(
                 f"stride {self.stride} must be smaller than the {budget} content tokens per window"
             )
         text_enc.truncate(budget, stride=self.stride)
-        parts = [text_enc, *text_enc.overflowing]
         step = budget - self.stride
-        out = []
-        for index, part in enumerate(parts):
-            start = index * step
-            out.append(self._window(doc, part, pair_enc, index, len(parts), start,
-                                    start + len(part.ids), n_doc, False))
-        return out
+        return _Cut(pair_enc, [(part, index * step) for index, part
+                               in enumerate([text_enc, *text_enc.overflowing])], n_doc, False)
 
     def _require_content(self, doc: Document, name: str, enc: Encoding) -> None:
         """A ``NoContentError`` unless ``enc`` holds a token that is not a control token."""
         ids = np.asarray(enc.ids, dtype=np.int64)
-        if np.isin(ids, self.control_ids, invert=True).any():
+        if not self.is_control[ids].all():
             return
         value = doc.text if name == "text" else doc.text_pair or ""
         shown = repr(value if len(value) <= 40 else value[:40] + "…")
@@ -238,7 +262,7 @@ class Windower:
         ids = np.asarray(enc.ids, dtype=np.int64)
         added = np.asarray(enc.special_tokens_mask, dtype=bool)  # added by the post-processor
         # Special: added, or a control token typed in the text (e.g. <|endoftext|>).
-        special = added | np.isin(ids, self.control_ids)
+        special = added | self.is_control[ids]
         # Tokens not added come in order: the window's text tokens, then the pair's.
         content_rank = np.cumsum(~added) - 1
         is_pair = ~added & (content_rank >= len(content.ids))

@@ -153,17 +153,17 @@ def test_shards_of_full_attention_close_on_bytes(minilm: TorchBackend, mixed: Pa
     rule = found.rule
     assert rule.max_bytes == MemoryBudget(MIN_MEMORY_BUDGET).shard_bytes == 16 * 2**20
     shards = planned(found, windower)
-    sizes = [rule.document_bytes(s.windows) for s in shards]
+    sizes = [rule.document_bytes(w.n_tokens for w in s.windows) for s in shards]
     assert len(shards) > 3 and all(s.tokens < config.shard_tokens for s in shards)
     assert found.largest_shard_bytes == max(sizes)
     for shard, size, following in zip(shards, sizes, shards[1:], strict=False):
         assert size <= rule.max_bytes or len(shard.docs) == 1
         # full: the next shard's first document would have taken this one past the share
-        first = windower.windows(following.docs[0])
+        first = windower.window_lengths(following.docs[0])
         assert size + rule.document_bytes(first) > rule.max_bytes
     (alone,) = [s for s in shards if LONG_ID in [d.doc_id for d in s.docs]]
     assert [d.doc_id for d in alone.docs] == [LONG_ID]
-    assert rule.document_bytes(alone.windows) > rule.max_bytes
+    assert rule.document_bytes(w.n_tokens for w in alone.windows) > rule.max_bytes
 
 
 def test_fewer_rows_make_fewer_shards(minilm: TorchBackend, mixed: Path) -> None:

@@ -295,3 +295,36 @@ def test_pair_without_content_is_refused(minilm: TorchBackend) -> None:
         windower(minilm).windows(Document("p", "Hi there", "\u200b"))
     (window,) = windower(minilm).windows(Document("p", "\u200bHi there\u200b"))
     assert window.tokens == ["[CLS]", "hi", "there", "[SEP]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# window_lengths: the survey's count without building windows
+
+
+@pytest.mark.parametrize("family", ["minilm", "gpt2", "roberta", "gemma"])
+@pytest.mark.parametrize(("max_length", "stride", "truncate"),
+                         [(None, 64, False), (16, 4, False), (24, 1, True), (20, 9, False)])
+def test_window_lengths_are_the_windows_token_counts(
+        request: pytest.FixtureRequest, family: str, max_length: int | None, stride: int,
+        truncate: bool) -> None:
+    if family == "gemma":
+        from pipelines.backends import create_backend
+        model = create_backend("torch", str(request.getfixturevalue("gemma_dir")), "cpu",
+                               "float32")
+    else:
+        model = request.getfixturevalue(family)
+    cutter = Windower(model.tokenizer, model.info,
+                      WindowConfig(max_length=max_length, stride=stride, truncate=truncate))
+    for doc in [Document("long", LONG_TEXT), Document("pair", LONG_TEXT, "Is it so?"),
+                Document("short", "Hi."), Document("short pair", "Hi.", "Yes, it is.")]:
+        assert cutter.window_lengths(doc) == [w.n_tokens for w in cutter.windows(doc)], doc.doc_id
+
+
+def test_window_lengths_refuse_what_windows_refuse(minilm: TorchBackend) -> None:
+    cutter = windower(minilm, max_length=8, stride=2)
+    doc = Document("d", "a b c", "a much longer pair than eight tokens can hold here")
+    with pytest.raises(ConfigError) as by_windows:
+        cutter.windows(doc)
+    with pytest.raises(ConfigError) as by_lengths:
+        cutter.window_lengths(doc)
+    assert str(by_lengths.value) == str(by_windows.value)
