@@ -132,7 +132,7 @@ def row_order(attn: torch.Tensor, k: int | None = None, mass: float = K90_MASS) 
         ascending = torch.sort(attn, dim=-1).values
     max_weight = ascending[..., -1].clone()
     kth = ascending[..., size - min(k, size)].clone() if k else None
-    cumulative = ascending.cumsum(-1)  # nondecreasing: weights are >= 0
+    cumulative = ascending.cumsum_(-1)  # in the scratch buffer; nondecreasing (weights >= 0)
     droppable = torch.searchsorted(cumulative, cumulative[..., -1:] - mass, right=True)[..., 0]
     return RowOrder(max_weight, (size - droppable).float(), kth)
 
@@ -195,8 +195,10 @@ def smoothed_row_entropy(attn: torch.Tensor, valid: torch.Tensor,
     return -((1.0 - epsilon) * weighted + spread * log_sum)
 
 
-#: Columns of ``key_feature_columns``: a matrix product with 16 columns runs about twice as
-#: fast on the CPU as one with 3 (the GEMM kernels' width); the zero columns cost nothing.
+#: Columns of ``key_feature_columns``: on the CPU the product with 16 columns ran 2 to 2.6
+#: times as fast as with 3 on MiniLM's batch shapes (the GEMM kernels' width). It stays an
+#: einsum: torch.matmul broadcasting the [B, 1, S, 16] columns over heads took more memory
+#: (a 2,048-token SmolLM2 window went past its 2 GiB budget).
 KEY_FEATURE_COLUMNS = 16
 
 
@@ -232,7 +234,7 @@ def row_terms(attn: torch.Tensor, flags: KeyFlags, causal: bool, local_window: i
     entropy_rows = row_entropy(attn)  # [L, B, H, Q]
     queries = torch.arange(start, start + rows, device=attn.device)
     distance = (queries[:, None] - torch.arange(size, device=attn.device)[None, :]).abs()
-    key_mass = torch.matmul(attn, key_feature_columns(flags)[None, :, None])  # [L, B, H, Q, 16]
+    key_mass = torch.einsum("lbhqk,bkf->lbhqf", attn, key_feature_columns(flags))  # [.., Q, 16]
     band, band_special = _band(attn, start, local_window, flags.is_special.float())
     order = order or row_order(attn)
     return {
