@@ -22,7 +22,7 @@ def keep_freed_memory() -> bool:
     in the kernel); serving them from the heap and not trimming it keeps the pages mapped
     between batches. Tensors from 32 MiB up (one layer's attention of a long window) are
     mapped and returned on free: in the heap, blocks of varied sizes left holes the next
-    sizes did not fit, and a 2,048-token SmolLM2 window peaked anywhere from 1.4 to 3.4 GiB
+    sizes did not fit, and a 2,048-token SmolLM2 window peaked anywhere from 1.6 to 3.4 GiB
     beyond the model from run to run; with them mapped, 0.9 to 1.0 GiB (the run took 56 s
     instead of 50 s).
     Returns False where this is not glibc.
