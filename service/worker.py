@@ -119,7 +119,9 @@ class ModelWorker:
         self.config = config
         self.backend = create_backend(config.backend, config.model, config.device, config.dtype,
                                       onnx=OnnxOptions(**config.onnx.model_dump()))
-        self.batcher: DynamicBatcher[DocumentJob, dict[str, pa.Table]] | None = None
+        # its asyncio objects bind to the replica's event loop on first use
+        self.batcher = DynamicBatcher(self._analyse_batch, config.max_batch_size,
+                                      config.batch_wait_timeout_s)
         self.tags = {"model": config.name}
         self.documents = Counter("headscope_documents", "documents analysed", tag_keys=("model",))
         self.tokens = Counter("headscope_tokens", "tokens analysed", tag_keys=("model",))
@@ -139,9 +141,6 @@ class ModelWorker:
 
     async def analyse(self, job: DocumentJob) -> dict[str, pa.Table]:
         """One document's tables, computed in a batch with the documents of other requests."""
-        if self.batcher is None:  # on the replica's event loop
-            self.batcher = DynamicBatcher(self._analyse_batch, self.config.max_batch_size,
-                                          self.config.batch_wait_timeout_s)
         return await self.batcher.submit(job)
 
     async def _analyse_batch(self, jobs: list[DocumentJob]) -> list[dict[str, pa.Table]]:

@@ -241,7 +241,7 @@ class Prepared:
     manifest: dict
     finished: set[int]
     writer: DatasetWriter
-    windower: Windower | None = None  # the survey's, reused to cut the shards
+    windower: Windower | None = None  # the survey's (prepare), reused to cut the shards
 
 
 def prepare(inputs: list[str | Path], writer: DatasetWriter, backend: Backend,
@@ -321,9 +321,9 @@ def run_job(inputs: list[str | Path], out: str | Path, config: RunConfig | None 
                                         config.dtype, config.allow_download, config.onnx)
     job = prepare(inputs, writer, backend, config, columns, resume, overwrite)
     job.manifest["runtime"]["engine"] = "local"
-    windower = job.windower or Windower(backend.tokenizer, backend.info, config.windows)
+    assert job.windower is not None  # prepare() surveys with it
     bar = progress_bar(job.found, progress)
-    write_shards(backend, _unfinished(job, columns, windower, bar), config, job, bar)
+    write_shards(backend, _unfinished(job, columns, job.windower, bar), config, job, bar)
     bar.close()
     return finish(job, started)
 

@@ -209,7 +209,8 @@ def run_ray_job(inputs: list[str | Path], out: str | Path, config: RunConfig | N
     try:
         placement = place_workers(options, config, ray.cluster_resources())
         job = prepare(inputs, writer, driver_backend, config, columns, resume, overwrite)
-        windower = Windower(driver_backend.tokenizer, driver_backend.info, config.windows)
+        windower = job.windower  # the survey's
+        assert windower is not None  # prepare() surveys with it
         del driver_backend
         todo = [u for u in job.found.units if not job.finished.issuperset(u.shard_indices)]
         log.info("ray: %d read units, %d shards to write; %d workers × %g CPUs, %g GPUs",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,21 +171,26 @@ class PlanBuilder:
         self._unit_tokens = self._closed_shards = 0
 
 
-def document_windows(windower: Windower, doc: Document) -> list[Window]:
-    """The windows of ``doc``, or an InputError naming its file and line."""
+@contextmanager
+def _located(doc: Document) -> Iterator[None]:
+    """A ConfigError of cutting ``doc`` as an InputError naming its file and line."""
     try:
-        return windower.windows(doc)
+        yield
     except ConfigError as exc:
         raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
+
+
+def document_windows(windower: Windower, doc: Document) -> list[Window]:
+    """The windows of ``doc``, or an InputError naming its file and line."""
+    with _located(doc):
+        return windower.windows(doc)
 
 
 def document_window_lengths(windower: Windower, doc: Document) -> list[int]:
     """The tokens of each window of ``doc`` (as :func:`document_windows` would cut it), or the
     same InputError."""
-    try:
+    with _located(doc):
         return windower.window_lengths(doc)
-    except ConfigError as exc:
-        raise InputError(f"{doc.source}:{doc.source_line}: {exc}") from None
 
 
 def fill_shards(docs: Iterable[Document], windower: Windower, rule: ShardRule,

@@ -176,12 +176,12 @@ class Windower:
             )
         self.stride = config.stride
         self.truncate = config.truncate
-        self.control_ids = control_token_ids(tokenizer)
         # is_control[id]: one lookup per token (np.isin sorts for every window)
+        control_ids = control_token_ids(tokenizer)
         size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
-                   int(self.control_ids.max(initial=-1)) + 1)
+                   int(control_ids.max(initial=-1)) + 1)
         self.is_control = np.zeros(size, dtype=bool)
-        self.is_control[self.control_ids] = True
+        self.is_control[control_ids] = True
         self.is_punct = punctuation_rule(config.punctuation)  # pipelines.text.punctuation
         if not self.truncate and self.stride >= self.max_length - self._n_special(False):
             raise ConfigError(
