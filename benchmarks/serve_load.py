@@ -82,8 +82,9 @@ class Load:
 
 
 async def drive(url: str, texts: list[str], clients: int, seconds: float,
-                payload: dict) -> Load:
-    """``clients`` loops, each POSTing one text at a time until ``seconds`` have passed.
+                payload: dict | None) -> Load:
+    """``clients`` loops, each POSTing one text at a time until ``seconds`` have passed
+    (``payload`` None: each GETs ``url`` instead, and every 200 counts as a document).
 
     Client i sends texts i, i + clients, i + 2 * clients, ... so every run (and both modes)
     sends the same texts in the same order. A request in flight at the deadline is waited
@@ -104,7 +105,8 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float,
                 sent += 1
                 begun = time.perf_counter()
                 try:
-                    response = await client.post(url, json={"texts": [text], **payload})
+                    response = await (client.get(url) if payload is None else
+                                      client.post(url, json={"texts": [text], **payload}))
                 except httpx.HTTPError as exc:
                     load.errors[type(exc).__name__] += 1
                     continue
@@ -232,6 +234,24 @@ class ModeResult:
     batch_sizes: list[int]
     batches_capped: bool  # more batches than the worker's log keeps
     cpu: dict[str, float]  # % of one core per process during the measured phase
+    floor: Floor | None = None  # Serve's own per-request cost, measured after the load
+
+
+@dataclass
+class Floor:
+    """``GET /healthz`` at the same concurrency: Serve's proxy and the ingress with no body,
+    no model and no worker hop; the least machine time any request costs."""
+
+    requests_per_s: float
+    machine_busy: float  # % of all CPUs busy during the phase (every process on the machine)
+
+    @classmethod
+    def measure(cls, url: str, texts: list[str], clients: int, seconds: float) -> Floor:
+        import psutil
+
+        psutil.cpu_percent(None)
+        load = asyncio.run(drive(url, texts, clients, seconds, None))
+        return cls(load.ok / load.seconds, psutil.cpu_percent(None))
 
 
 def measured_batches(log: list[int], documents: int) -> tuple[list[int], bool]:
@@ -300,8 +320,10 @@ def run_mode(args: argparse.Namespace, base_url: str, max_batch_size: int, texts
     load = asyncio.run(drive(url, texts, args.clients, args.seconds, payload))
     cpu = meter.read()
     sizes, capped = measured_batches(worker.batch_size_log.remote().result(), load.documents)
+    floor = Floor.measure(f"{base_url}{prefix}/healthz", texts, args.clients,
+                          args.seconds / 2) if max_batch_size == args.batch_size else None
     serve.delete(name)
-    return ModeResult(name, max_batch_size, load, sizes, capped, cpu)
+    return ModeResult(name, max_batch_size, load, sizes, capped, cpu, floor)
 
 
 # ------------------------------------------------------------------------------ report
@@ -335,6 +357,25 @@ def job_ratio(results: list[ModeResult], job: float, attention: str | None,
               f"{batch}, {threads} torch thread{'s' if threads > 1 else ''}, no HTTP or Ray: "
               f"{rate:.1f} docs/s = {rate / job:.2f} of the job; the service reached "
               f"{service / rate:.2f} of it")
+    floor = results[0].floor
+    if floor is not None:
+        report_floor(floor, job, workers[max(workers)])
+
+
+def report_floor(floor: Floor, job: float, worker: float) -> None:
+    """Serve's per-request floor and the cap it sets with the CPUs shared: a document needs
+    the floor's machine time (busy fraction / its rate) plus the worker's (1 / its all-CPU
+    rate), so docs/s <= 1 / (busy/floor + 1/worker); with a worker as fast per document as
+    the in-process job, <= 1 / (busy/floor + 1/job)."""
+    def cap(rate: float) -> float:
+        return 1 / (floor.machine_busy / 100 / floor.requests_per_s + 1 / rate)
+
+    print(f"  floor: GET /healthz through Serve's proxy and the ingress (no body, no model), "
+          f"same clients: {floor.requests_per_s:.0f} requests/s with the machine's CPUs "
+          f"{floor.machine_busy:.0f}% busy")
+    print(f"  cap with the CPUs shared: floor + worker at all CPUs {cap(worker):.1f} docs/s = "
+          f"{cap(worker) / job:.2f} of the job; floor + a worker as fast as the job "
+          f"{cap(job):.1f} docs/s = {cap(job) / job:.2f} of the job")
 
 
 def report(results: list[ModeResult], clients: int) -> None:
