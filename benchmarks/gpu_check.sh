@@ -163,7 +163,7 @@ for log in "$LOGS"/*.log; do
   echo "-- $(basename "$log" .log) on $DEVICE:"
   grep "^  (a)" "$log" || echo "  (no summary: see above)"
 done
-[[ -e $LOGS/reduction.txt ]] && grep "^(b)\|^(c)" "$LOGS/reduction.txt"
+[[ -e $LOGS/reduction.txt ]] && grep "^(b)\|^(c)\|^(d)" "$LOGS/reduction.txt"
 rm -rf "$LOGS"
 echo "gpu_check: total $(elapsed) s"
 (( TESTS_RC == 0 ))

@@ -10,7 +10,13 @@ and the variants run interleaved, best of ``--repeats``. It prints, and never as
     streaming (``LayerReduction``, one layer at a time): > 1 means streaming is faster;
 (c) eager streaming over streaming with the per-row terms under ``torch.compile``
     (``dynamic=True``; compile time reported apart): > 1 means compiling pays. headscope keeps
-    the eager code unless this shows a gain.
+    the eager code unless this shows a gain;
+(d) each row's entropy from its probabilities (-sum_j p ln p: clamp, log, multiply, sum, as
+    ``stats.row_entropy``) over the same from the scores s that formed them (softmax is
+    p = exp(s - max s) / z, so ln p_max = -ln z and H = max s - ln p_max - sum_j p s: two
+    reductions and no log per cell), and each way's worst error of a window's mean entropy
+    against float64. Scores come from the captured queries and keys (an encoder's padding
+    mask, or causal; skipped for models with sliding windows).
 
 ``python benchmarks/reduction.py --help`` for the options.
 """
@@ -31,7 +37,7 @@ from pipelines.backends import create_backend
 from pipelines.backends.batching import Batch, collate, plan_batches
 from pipelines.compute import streaming
 from pipelines.compute.kept import kept_weights
-from pipelines.compute.stats import KeyFlags, head_statistics, row_order
+from pipelines.compute.stats import KeyFlags, head_statistics, row_entropy, row_order
 from pipelines.compute.streaming import LayerReduction, ReductionSpec
 from pipelines.config import AttentionMode, WindowConfig
 from pipelines.jobs.demo import paragraphs
@@ -74,6 +80,62 @@ def stacked(info, mode: AttentionMode, batch: Batch, attn: torch.Tensor) -> None
     head_statistics(attn, flags_of(batch), info.causal, 2, info.sep_token_id is not None,
                     order)
     kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
+
+
+def additive_mask(batch: Batch, causal: bool) -> torch.Tensor:
+    """[B, 1, S, S] float64: 0 where a query row sees a key, -inf where not."""
+    length = batch.valid.shape[-1]
+    sees = batch.valid.bool()[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        sees = sees & torch.ones(length, length, dtype=torch.bool,
+                                 device=sees.device).tril()[None, None]
+    return torch.zeros(sees.shape, dtype=torch.float64,
+                       device=sees.device).masked_fill(~sees, float("-inf"))
+
+
+def entropy_from_scores(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """[..., Q] nats: -sum_j p ln p = max s - ln p_max - sum_j p s, for p = softmax(s) on the
+    visible keys; ``scores`` [..., Q, S] hold the dtype's minimum (not -inf) where masked."""
+    return scores.amax(-1) - probs.amax(-1).log() - torch.linalg.vecdot(probs, scores)
+
+
+def window_mean_error(entropy: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor) -> float:
+    """Largest |error| of a window's mean entropy over its valid query rows; ``entropy``
+    and ``exact`` [B, H, Q], ``valid`` [B, Q]."""
+    rows = valid.bool()[:, None, :]  # [B, 1, Q]; padded rows may see no key (NaN)
+    error = torch.where(rows, entropy.double() - exact, 0.0).sum(-1) \
+        / rows.sum(-1).clamp(min=1)
+    return float(error.abs().max())
+
+
+def entropy_ways(backend, batches: list[Batch], repeats: int) -> dict[str, float]:
+    """Seconds for all layers of all batches, each way, best of ``repeats``; worst errors."""
+    result = {"from probabilities": 0.0, "from scores": 0.0, "error probabilities": 0.0,
+              "error scores": 0.0, "largest score": 0.0}
+    causal = backend.info.causal
+    for batch in batches:
+        batch = batch.to(backend.device)
+        with backend.capture_queries_keys() as captured:
+            backend.layers(batch, lambda layer, start, probs: None)
+        mask = additive_mask(batch, causal)
+        for query, key, scaling in captured:
+            if key.shape[1] != query.shape[1]:  # grouped-query attention: one key per head
+                key = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
+            exact_probs = (torch.matmul(query.double(), key.double().transpose(2, 3))
+                           * scaling + mask).softmax(-1)
+            exact = -torch.special.xlogy(exact_probs, exact_probs).sum(-1)  # [B, H, Q]
+            scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+            scores = scores.masked_fill(mask == float("-inf"), torch.finfo(scores.dtype).min)
+            probs = scores.softmax(-1)
+            ways = {"probabilities": lambda p=probs: row_entropy(p),
+                    "scores": lambda s=scores, p=probs: entropy_from_scores(s, p)}
+            for way, compute in ways.items():
+                result[f"from {way}"] += best(repeats, compute)
+                result[f"error {way}"] = max(result[f"error {way}"],
+                                             window_mean_error(compute(), exact, batch.valid))
+            visible = scores[mask.expand_as(scores) == 0]
+            result["largest score"] = max(result["largest score"], float(visible.abs().max()))
+    return result
 
 
 def synchronize() -> None:
@@ -138,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[f"compiled {mode}"] = best(args.repeats, run(streamed))
             finally:
                 streaming.row_terms = eager_terms
+    windowed = any(info.layer_windows)
+    entropy = {} if windowed else entropy_ways(backend, batches, args.repeats)
+    seconds.update({f"entropy {name}": value for name, value in entropy.items()
+                    if name.startswith("from")})
     for name, value in seconds.items():
         print(f"  {name:<34} {value:7.3f} s")
     for mode in ("none", "topk:8"):
@@ -149,6 +215,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"(c) {mode:>6}: eager / compiled streaming reduction = "
                   f"{seconds[f'streaming {mode}'] / seconds[f'compiled {mode}']:.2f}x "
                   f"(compiling took {seconds[f'compile {mode} (first run)']:.1f} s)")
+    if windowed:
+        print("(d) skipped: the model has sliding-window layers")
+        return
+    print(f"(d) entropy from probabilities / from scores = "
+          f"{entropy['from probabilities'] / entropy['from scores']:.2f}x; worst error of a "
+          f"window's mean against float64: {entropy['error probabilities']:.1e} from "
+          f"probabilities, {entropy['error scores']:.1e} from scores (largest |score| "
+          f"{entropy['largest score']:.0f})")
 
 
 if __name__ == "__main__":
