@@ -13,10 +13,12 @@ and the variants run interleaved, best of ``--repeats``. It prints, and never as
     the eager code unless this shows a gain;
 (d) each row's entropy from its probabilities (-sum_j p ln p: clamp, log, multiply, sum, as
     ``stats.row_entropy``) over the same from the scores s that formed them (softmax is
-    p = exp(s - max s) / z, so ln p_max = -ln z and H = max s - ln p_max - sum_j p s: two
-    reductions and no log per cell), and each way's worst error of a window's mean entropy
-    against float64. Scores come from the captured queries and keys (an encoder's padding
-    mask, or causal; skipped for models with sliding windows).
+    p = exp(s - max s) / z, so ln p_max = -ln z and H = max s - ln p_max - sum_j p s: row
+    maxima and a dot product, no log per cell; p_max is timed too, though ``row_order`` has
+    it), and each way's worst error of a window's mean entropy against float64. Scores come
+    from the captured queries and keys, masked as ``kept.visible_pairs`` says (padding,
+    causality, each layer's sliding window); how far their softmax is from the model's own
+    probabilities is printed beside.
 
 ``python benchmarks/reduction.py --help`` for the options.
 """
@@ -36,7 +38,7 @@ from smoke import parse_args_with_smoke
 from pipelines.backends import create_backend
 from pipelines.backends.batching import Batch, collate, plan_batches
 from pipelines.compute import streaming
-from pipelines.compute.kept import kept_weights
+from pipelines.compute.kept import kept_weights, visible_pairs
 from pipelines.compute.stats import KeyFlags, head_statistics, row_entropy, row_order
 from pipelines.compute.streaming import LayerReduction, ReductionSpec
 from pipelines.config import AttentionMode, WindowConfig
@@ -82,17 +84,6 @@ def stacked(info, mode: AttentionMode, batch: Batch, attn: torch.Tensor) -> None
     kept_weights(attn, batch.valid, info.causal, mode, order.kth_largest)
 
 
-def additive_mask(batch: Batch, causal: bool) -> torch.Tensor:
-    """[B, 1, S, S] float64: 0 where a query row sees a key, -inf where not."""
-    length = batch.valid.shape[-1]
-    sees = batch.valid.bool()[:, None, None, :].expand(-1, 1, length, -1)
-    if causal:
-        sees = sees & torch.ones(length, length, dtype=torch.bool,
-                                 device=sees.device).tril()[None, None]
-    return torch.zeros(sees.shape, dtype=torch.float64,
-                       device=sees.device).masked_fill(~sees, float("-inf"))
-
-
 def entropy_from_scores(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """[..., Q] nats: -sum_j p ln p = max s - ln p_max - sum_j p s, for p = softmax(s) on the
     visible keys; ``scores`` [..., Q, S] hold the dtype's minimum (not -inf) where masked."""
@@ -102,38 +93,45 @@ def entropy_from_scores(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tens
 def window_mean_error(entropy: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor) -> float:
     """Largest |error| of a window's mean entropy over its valid query rows; ``entropy``
     and ``exact`` [B, H, Q], ``valid`` [B, Q]."""
-    rows = valid.bool()[:, None, :]  # [B, 1, Q]; padded rows may see no key (NaN)
+    rows = valid.bool()[:, None, :]  # [B, 1, Q]; padded rows see no key (NaN in float64)
     error = torch.where(rows, entropy.double() - exact, 0.0).sum(-1) \
         / rows.sum(-1).clamp(min=1)
     return float(error.abs().max())
 
 
-def entropy_ways(backend, batches: list[Batch], repeats: int) -> dict[str, float]:
-    """Seconds for all layers of all batches, each way, best of ``repeats``; worst errors."""
+def entropy_ways(backend, batches: list[Batch], tensors: list[torch.Tensor],
+                 repeats: int) -> dict[str, float]:
+    """Seconds for all layers of all batches, each way, best of ``repeats``; worst errors,
+    and how far the recomputed probabilities are from the model's (``tensors``, each
+    [L, B, H, S, S]) on valid query rows."""
     result = {"from probabilities": 0.0, "from scores": 0.0, "error probabilities": 0.0,
-              "error scores": 0.0, "largest score": 0.0}
-    causal = backend.info.causal
-    for batch in batches:
+              "error scores": 0.0, "largest score": 0.0, "probabilities off": 0.0}
+    info = backend.info
+    for batch, model_probs in zip(batches, tensors, strict=True):
         batch = batch.to(backend.device)
         with backend.capture_queries_keys() as captured:
             backend.layers(batch, lambda layer, start, probs: None)
-        mask = additive_mask(batch, causal)
-        for query, key, scaling in captured:
+        for layer, (query, key, scaling) in enumerate(captured):
+            window = info.layer_windows[layer] if info.layer_windows else None
+            hidden = ~visible_pairs(batch.valid.bool(), info.causal, window=window)[:, None]
             if key.shape[1] != query.shape[1]:  # grouped-query attention: one key per head
                 key = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
             exact_probs = (torch.matmul(query.double(), key.double().transpose(2, 3))
-                           * scaling + mask).softmax(-1)
+                           * scaling).masked_fill(hidden, float("-inf")).softmax(-1)
             exact = -torch.special.xlogy(exact_probs, exact_probs).sum(-1)  # [B, H, Q]
             scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-            scores = scores.masked_fill(mask == float("-inf"), torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
             probs = scores.softmax(-1)
+            off = torch.where(batch.valid.bool()[:, None, :, None],
+                              (probs - model_probs[layer]).abs(), 0.0)
+            result["probabilities off"] = max(result["probabilities off"], float(off.max()))
             ways = {"probabilities": lambda p=probs: row_entropy(p),
                     "scores": lambda s=scores, p=probs: entropy_from_scores(s, p)}
             for way, compute in ways.items():
                 result[f"from {way}"] += best(repeats, compute)
                 result[f"error {way}"] = max(result[f"error {way}"],
                                              window_mean_error(compute(), exact, batch.valid))
-            visible = scores[mask.expand_as(scores) == 0]
+            visible = scores[~hidden.expand_as(scores)]
             result["largest score"] = max(result["largest score"], float(visible.abs().max()))
     return result
 
@@ -200,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[f"compiled {mode}"] = best(args.repeats, run(streamed))
             finally:
                 streaming.row_terms = eager_terms
-    windowed = any(info.layer_windows)
-    entropy = {} if windowed else entropy_ways(backend, batches, args.repeats)
+    entropy = entropy_ways(backend, batches, tensors, args.repeats)
     seconds.update({f"entropy {name}": value for name, value in entropy.items()
                     if name.startswith("from")})
     for name, value in seconds.items():
@@ -215,14 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"(c) {mode:>6}: eager / compiled streaming reduction = "
                   f"{seconds[f'streaming {mode}'] / seconds[f'compiled {mode}']:.2f}x "
                   f"(compiling took {seconds[f'compile {mode} (first run)']:.1f} s)")
-    if windowed:
-        print("(d) skipped: the model has sliding-window layers")
-        return
     print(f"(d) entropy from probabilities / from scores = "
           f"{entropy['from probabilities'] / entropy['from scores']:.2f}x; worst error of a "
           f"window's mean against float64: {entropy['error probabilities']:.1e} from "
           f"probabilities, {entropy['error scores']:.1e} from scores (largest |score| "
-          f"{entropy['largest score']:.0f})")
+          f"{entropy['largest score']:.0f}; softmax of the recomputed scores against the "
+          f"model's probabilities: max |difference| {entropy['probabilities off']:.1e})")
 
 
 if __name__ == "__main__":
